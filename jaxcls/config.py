@@ -1,0 +1,163 @@
+"""The configuration schema: every key a recipe may set, its default and its type.
+
+Recipes in `configs/` start from `base_config()` and change what they need. A key that
+is not here is a typo; `validate` names it (and the keys that do exist) instead of
+letting it be silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration value is missing, unknown or out of range."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every recipe."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 64  # Global: split evenly over all devices of all processes.
+  c.num_epochs = 10
+
+  c.data = ml_collections.ConfigDict()
+  # "folder:PATH" (class subfolders) or "generated:shapes" (drawn on the fly).
+  c.data.source = ""
+  c.data.image_size = 64
+  c.data.val_fraction = 0.2
+  c.data.workers = 0  # Decode threads; 0 = one per CPU core.
+  c.data.generated_per_class = 300  # For "generated:" sources only.
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.flip = True  # Random horizontal flip.
+  c.augment.rotation = 10.0  # Max degrees either way; 0 turns rotation off.
+  c.augment.scale = (0.9, 1.1)  # Min and max zoom; (1.0, 1.0) turns it off.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+  c.model.widths = (32, 64, 128)  # Channels of each conv block (cnn).
+  c.model.dropout = 0.3
+  c.model.dtype = "float32"
+  # Input normalization travels with the checkpoint: predict uses the same.
+  c.model.input_mean = (127.5, 127.5, 127.5)
+  c.model.input_std = (127.5, 127.5, 127.5)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 0.05
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 5e-4  # L2 on kernels (not biases or batch-norm scales).
+  c.optim.l1 = 0.0  # L1 on kernels.
+  c.optim.schedule = "cosine"  # "constant" | "cosine".
+  c.optim.warmup_epochs = 0.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.log_every_steps = 50
+  c.train.progress_bar = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 3
+  return c
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  items = {}
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      items.update(_flatten(value, name + "."))
+    else:
+      items[name] = value
+  return items
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(default, bool) and isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first unknown key, wrong type or bad value."""
+  known = _flatten(base_config())
+  given = _flatten(config)
+  for key, value in given.items():
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=3)
+      hint = f" Did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(f"Unknown config key '{key}'.{hint}")
+    if not _type_ok(known[key], value):
+      raise ConfigError(
+          f"Config key '{key}' is {value!r} ({type(value).__name__}); expected a "
+          f"{type(known[key]).__name__} like the default {known[key]!r}.")
+  for key in known:
+    if key not in given:
+      raise ConfigError(f"Config key '{key}' is missing; start recipes from "
+                        "jaxcls.config.base_config().")
+  _check_values(config)
+
+
+def _check_values(c: ml_collections.ConfigDict) -> None:
+  def need(ok: bool, key: str, what: str):
+    if not ok:
+      value = c
+      for part in key.split("."):
+        value = value[part]
+      raise ConfigError(f"Config key '{key}' is {value!r}; {what}.")
+
+  need(bool(c.data.source), "data.source",
+       "set it, e.g. --config.data.source=folder:/path/to/PetImages")
+  need(c.batch_size > 0, "batch_size", "it must be a positive integer")
+  need(c.num_epochs > 0, "num_epochs", "it must be a positive integer")
+  need(8 <= c.data.image_size <= 4096, "data.image_size", "use 8 to 4096 pixels")
+  need(0.0 < c.data.val_fraction < 1.0, "data.val_fraction", "use a fraction in (0, 1)")
+  need(c.data.workers >= 0, "data.workers", "use 0 (one per core) or a positive count")
+  need(len(c.augment.scale) == 2 and 0 < c.augment.scale[0] <= c.augment.scale[1],
+       "augment.scale", "give (min_zoom, max_zoom) with 0 < min <= max")
+  need(0.0 <= c.augment.rotation <= 180.0, "augment.rotation", "use 0 to 180 degrees")
+  need(0.0 <= c.model.dropout < 1.0, "model.dropout", "use a rate in [0, 1)")
+  need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+       "use float32, bfloat16 or float16")
+  need(len(c.model.input_mean) == 3 and len(c.model.input_std) == 3
+       and all(s > 0 for s in c.model.input_std), "model.input_std",
+       "give three positive numbers (and three means)")
+  need(c.optim.learning_rate > 0, "optim.learning_rate", "it must be positive")
+  need(0.0 <= c.optim.momentum < 1.0, "optim.momentum", "use [0, 1)")
+  need(c.optim.weight_decay >= 0, "optim.weight_decay", "it must be >= 0")
+  need(c.optim.l1 >= 0, "optim.l1", "it must be >= 0")
+  need(c.optim.schedule in ("constant", "cosine"), "optim.schedule",
+       "use 'constant' or 'cosine'")
+  need(c.optim.warmup_epochs >= 0, "optim.warmup_epochs", "it must be >= 0")
+  need(c.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1")
+  need(c.train.log_every_steps >= 1, "train.log_every_steps", "use 1 or more")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved with a checkpoint (JSON turns tuples into lists)."""
+  config = base_config()
+
+  def merge(target: ml_collections.ConfigDict, source: dict, prefix: str):
+    for key, value in source.items():
+      if key not in target:
+        raise ConfigError(f"Saved config has unknown key '{prefix}{key}'.")
+      if isinstance(value, dict):
+        merge(target[key], value, f"{prefix}{key}.")
+      else:
+        default = target[key]
+        target[key] = tuple(value) if isinstance(default, tuple) else value
+
+  merge(config, values, "")
+  return config

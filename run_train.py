@@ -1,0 +1,6 @@
+"""Train a classifier: python run_train.py --config configs/demo.py --workdir /tmp/demo"""
+
+from jaxcls.main import run
+
+if __name__ == "__main__":
+  run()
