@@ -46,7 +46,13 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Restores `state` into the structure, shapes and dtypes of `target` (host arrays)."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  device = jax.local_devices()[0]
+
+  def abstract(x):
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  abstract = jax.tree.map(abstract, target)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
   return restored["state"]

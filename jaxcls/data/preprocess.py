@@ -111,6 +111,12 @@ def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
     raise ImageError(name, f"possible decompression bomb ({e})") from None
   except Image.DecompressionBombWarning as e:
     raise ImageError(name, f"possible decompression bomb ({e})") from None
+  except FileNotFoundError:
+    raise ImageError(name, "no such file") from None
+  except IsADirectoryError:
+    raise ImageError(name, "is a folder, not a file") from None
+  except PermissionError:
+    raise ImageError(name, "permission denied") from None
   except Image.UnidentifiedImageError:
     raise ImageError(name, "not an image file Pillow can identify") from None
   except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as e:
