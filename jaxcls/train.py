@@ -49,6 +49,19 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of each array of a pmapped result, on that device.
+
+  (flax.jax_utils.unreplicate returns a [1, ...] array when pmap ran on one device of
+  several, so the shard is indexed here directly.)
+  """
+  def first(x):
+    if isinstance(x, jax.Array):
+      return x.addressable_shards[0].data[0]
+    return x[0]
+  return jax.tree.map(first, tree)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
                        steps_per_epoch: int) -> TrainState:
   """Initializes parameters (on the host's default device) and the optimizer."""
@@ -271,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar.write(f"epoch {epoch}/{config.num_epochs}  step {done}  "
                 f"train loss {last['train_loss']:.4f} acc {last['train_accuracy']:.4f}  "
                 f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
-    state = flax.jax_utils.unreplicate(replicated)
+    state = unreplicate(replicated)
     checkpoint.save(mngr, done, state, {
         "config": config.to_dict(), "class_names": list(dataset.class_names),
         "epoch": epoch, "step": done, "metrics": last})
@@ -279,4 +292,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  return jax.device_get(flax.jax_utils.unreplicate(replicated)), last
+  return jax.device_get(unreplicate(replicated)), last
