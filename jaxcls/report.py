@@ -171,6 +171,7 @@ def top_losses(evaluation: Evaluation, k: int) -> list[dict]:
   order = wrong[np.argsort(-evaluation.losses[wrong], kind="stable")][:k]
   names = evaluation.class_names
   return [{"index": int(i), "path": evaluation.paths[i],
+           "file": os.path.join(evaluation.root, evaluation.paths[i]),
            "true": names[evaluation.labels[i]], "predicted": names[predictions[i]],
            "probability": float(probabilities[i, predictions[i]]),
            "true_probability": float(probabilities[i, evaluation.labels[i]]),
@@ -357,11 +358,14 @@ th:first-child,td:first-child{text-align:left}img{max-width:100%}
 
 def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
   e = html.escape
+  recorded = summary.get("recorded_accuracy")
   facts = [("workdir", summary["workdir"]), ("checkpoint step", summary["step"]),
            ("epoch", summary.get("epoch")), ("classes", ", ".join(summary["class_names"])),
            ("validation images", summary["count"]),
            ("accuracy", f"{summary['accuracy']:.4f}"), ("loss", f"{summary['loss']:.4f}"),
-           ("accuracy recorded in metrics.jsonl", summary.get("recorded_accuracy")),
+           ("data (top-loss paths are relative to it)", summary["data_root"]),
+           ("accuracy recorded in metrics.jsonl", "none" if recorded is None
+            else f"{recorded:.4f}"),
            ("expected calibration error", f"{summary['ece']:.4f} "
             f"({summary['bins']} bins)")]
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>jaxcls report: "
@@ -389,7 +393,7 @@ def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
   for rank, item in enumerate(top):
     parts.append(
         f"<figure><img src='top_losses/{rank:03d}.png' alt='{e(item['path'])}'>"
-        f"<figcaption><b>{e(item['path'])}</b><br>true: {e(item['true'])}<br>"
+        f"<figcaption><b title='{e(item['file'])}'>{e(item['path'])}</b><br>true: {e(item['true'])}<br>"
         f"predicted: {e(item['predicted'])} ({item['probability']:.3f})<br>"
         f"loss: {item['loss']:.3f}</figcaption></figure>")
   if not top:
@@ -436,7 +440,11 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
   """Writes the report folder; returns its summary (also saved as report.json)."""
   workdir = os.path.abspath(workdir)
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, REPORT_DIR))
-  os.makedirs(os.path.join(out_dir, "top_losses"), exist_ok=True)
+  gallery = os.path.join(out_dir, "top_losses")
+  os.makedirs(gallery, exist_ok=True)
+  for name in os.listdir(gallery):  # An earlier report's pictures would linger.
+    if name.endswith(".png") and name[:-4].isdigit():
+      os.remove(os.path.join(gallery, name))
   evaluation, meta = load_validation(workdir, step, progress)
   names = evaluation.class_names
   matrix = confusion_matrix(evaluation.labels, evaluation.predictions, len(names))
@@ -456,7 +464,7 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
     plot_curves(epoch_curves(rows), os.path.join(out_dir, files["curves"]))
   plot_confusion(matrix, names, os.path.join(out_dir, files["confusion_matrix"]))
   plot_reliability(cal, os.path.join(out_dir, files["reliability"]))
-  thumbnails = [os.path.join(out_dir, "top_losses", f"{rank:03d}.png")
+  thumbnails = [os.path.join(gallery, f"{rank:03d}.png")
                 for rank in range(len(top))]
   for item, thumb in zip(top, thumbnails):
     save_thumbnail(os.path.join(evaluation.root, item["path"]), thumb)
@@ -467,7 +475,8 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
     writer.writerows(scores)
 
   summary = {
-      "workdir": workdir, "report_dir": out_dir, "step": meta["step"],
+      "workdir": workdir, "report_dir": out_dir, "data_root": evaluation.root,
+      "step": meta["step"],
       "epoch": meta.get("epoch"), "class_names": list(names),
       "count": int(len(evaluation.labels)), "accuracy": evaluation.accuracy,
       "loss": evaluation.loss,

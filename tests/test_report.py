@@ -235,3 +235,22 @@ def test_image_grid_places_and_clips():
   assert (grid[1:3, 4:6] == 0).all() and grid[0].max() == 0
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     metrics.image_grid(np.zeros((2, 2, 3)))
+
+
+def test_figures_for_many_classes_and_no_mistakes(tmp_path):
+  rng = np.random.default_rng(0)
+  names = [f"class_{i:02d}" for i in range(30)]  # Too many for numbers in the cells.
+  report.plot_confusion(rng.integers(0, 9, (30, 30)), names, str(tmp_path / "cm.png"))
+  report.plot_top_losses([], [], str(tmp_path / "top.png"))
+  cal = report.calibration(rng.uniform(0.5, 1, 50), rng.integers(0, 2, 50), bins=10)
+  report.plot_reliability(cal, str(tmp_path / "rel.png"))
+  for name in ("cm.png", "top.png", "rel.png"):
+    with Image.open(tmp_path / name) as img:
+      assert img.format == "PNG"
+  with Image.open(tmp_path / "cm.png") as img:
+    assert img.size[0] > 1500  # The figure grows with the class count.
+
+
+def test_report_without_checkpoints_says_so(tmp_path, capsys):
+  assert report.main(["--workdir", str(tmp_path), "--no-progress"]) == 2
+  assert "No checkpoints" in capsys.readouterr().err
