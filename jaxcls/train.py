@@ -98,12 +98,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
   return state, lax.pmean({"loss": loss, "accuracy": accuracy}, AXIS)
 
 
+def eval_outputs(apply_fn, variables: dict, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-example logits [B, C] and losses [B] in evaluation mode.
+
+  The one evaluation computation: `eval_step` sums it over devices for the metrics,
+  and the report (`jaxcls.report`) keeps it per example for its figures.
+  """
+  logits = apply_fn(variables, batch["image"], train=False)
+  return logits, optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+
+
 def eval_step(state: TrainState, batch: dict) -> dict:
   """Sums of loss, correct predictions and real (unmasked) examples over all devices."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+  logits, losses = eval_outputs(
+      state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, batch)
   mask = batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
   sums = {"loss": jnp.sum(jnp.where(mask, losses, 0.0)),
           "correct": jnp.sum(correct.astype(jnp.int32)),
@@ -177,6 +186,29 @@ def _check_resume_compatible(saved_config: dict, config, saved_classes, classes)
         f"now has {list(classes)}. Use a new --workdir for a different data set.")
 
 
+def _log_augmented_images(writer: metrics_lib.MetricWriter, source, config,
+                          rng: jax.Array, count: int) -> None:
+  """Puts a grid of `count` augmented training images in TensorBoard (step 0).
+
+  The first images of a training order go through `augment.augment` with the run's
+  settings (its own random draw), so a wrong setting shows before hours are spent.
+  It runs jitted on the host CPU, leaving the accelerators to training.
+  """
+  batch = next(loader.train_batches(
+      source, batch_size=min(count, len(source)), image_size=config.data.image_size,
+      seed=config.seed, num_steps=1, workers=1))
+  try:
+    device = jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS excludes the CPU: use the default device.
+    device = jax.local_devices()[0]
+  apply = jax.jit(functools.partial(
+      augment.augment, flip=config.augment.flip, rotation=config.augment.rotation,
+      scale=tuple(config.augment.scale)))
+  images = apply(jax.device_put(jax.random.fold_in(rng, 0), device),
+                 jax.device_put(batch["image"], device))
+  writer.write_images(0, "train/augmented_images", np.asarray(images))
+
+
 def _summaries(rows: list[dict]) -> dict:
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -245,6 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workers=_workers(config), process_index=jax.process_index(),
       process_count=jax.process_count()), devices)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  if is_main and start_step == 0 and config.train.log_images:
+    _log_augmented_images(writer, dataset.train, config, train_rng,
+                          config.train.log_images)
   replicated = flax.jax_utils.replicate(state, devices)
   bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (config.train.progress_bar and is_main))
