@@ -39,6 +39,7 @@ def tiny_config(source: str, **overrides):
   config.optim.learning_rate = 0.02
   config.train.log_every_steps = 2
   config.train.progress_bar = False
+  config.train.log_images = 0  # The TensorBoard image grid costs a compile per run.
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")

@@ -19,7 +19,7 @@ from conftest import tiny_config
 def run(shapes_dir, tmp_path_factory):
   """A 1-epoch run on the shapes fixture: its workdir and last metrics."""
   workdir = str(tmp_path_factory.mktemp("report_run"))
-  _, last = train.train_and_evaluate(tiny_config(f"folder:{shapes_dir}"), workdir)
+  _, last = train.train_and_evaluate(tiny_config(f"folder:{shapes_dir}", **{"train.log_images": 16}), workdir)
   return workdir, last
 
 
@@ -159,7 +159,7 @@ def test_report_writes_every_file(run, evaluation, tmp_path, capsys):
   out = capsys.readouterr().out.strip().splitlines()
   report_dir = os.path.join(workdir, "report")
   assert out[-1] == report_dir
-  for name in ("circle", "square", "macro avg"):
+  for name in ("disc", "stripes", "macro avg"):
     assert any(line.strip().startswith(name) for line in out)
   for name in ("curves.png", "confusion_matrix.png", "reliability.png",
                "top_losses.png"):
@@ -169,7 +169,7 @@ def test_report_writes_every_file(run, evaluation, tmp_path, capsys):
     lines = f.read().splitlines()
   assert lines[0] == "class,precision,recall,f1,support"
   assert [line.split(",")[0] for line in lines[1:]] == [
-      "circle", "square", "macro avg", "weighted avg"]
+      "disc", "stripes", "macro avg", "weighted avg"]
   summary = json.load(open(os.path.join(report_dir, "report.json")))
   assert summary["accuracy"] == summary["recorded_accuracy"] == evaluation.accuracy
   assert len(summary["top_losses"]) == min(5, int(np.sum(
