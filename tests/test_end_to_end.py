@@ -161,3 +161,19 @@ def test_bad_inputs_fail_early_with_clear_errors(shapes_dir, tmp_path):
   blocker.write_text("a file where the workdir should be")
   msg = _error_for(tiny_config(f"folder:{shapes_dir}"), str(blocker / "workdir"))
   assert "Cannot write to workdir" in msg
+
+
+def test_readme_python_example_runs(tmp_path):
+  """The README's Python example, run as a user would (paths moved to tmp_path)."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  code = code.replace("/tmp/api_demo", str(tmp_path / "api_demo"))
+  code += "\nassert final['epoch'] == 3 and probabilities.shape == (1, 2)\n"
+  script = tmp_path / "example.py"
+  script.write_text(code)
+  run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600, cwd=str(tmp_path))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "validation accuracy" in run.stdout
+  assert "disc_0000.jpg" in run.stdout
