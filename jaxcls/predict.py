@@ -171,19 +171,19 @@ class Predictor:
     probs, labels = [], []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
-      pad = _bucket(len(chunk), self.batch_size) - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      p, l = jax.device_get(predict(self.variables, chunk, model=self.model, tta=tta))
-      probs.append(p[:len(chunk) - pad])
-      labels.append(l[:len(chunk) - pad])
+      n = len(chunk)
+      pad = np.zeros((_bucket(n, self.batch_size) - n,) + chunk.shape[1:], chunk.dtype)
+      padded = np.concatenate([chunk, pad]) if len(pad) else chunk
+      p, l = jax.device_get(predict(self.variables, padded, model=self.model, tta=tta))
+      probs.append(p[:n])
+      labels.append(l[:n])
     if not probs:
       return np.zeros((0, len(self.class_names)), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(probs), np.concatenate(labels)
 
   def _top_k(self, top_k: int | None) -> int:
     k = min(DEFAULT_TOP_K, len(self.class_names)) if top_k is None else top_k
-    if not 1 <= k:
+    if k < 1:
       raise ValueError(f"top_k={top_k}; use a positive number of classes.")
     return min(k, len(self.class_names))
 
@@ -480,7 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices.
   cache_dir = resolve_cache_dir(args.compilation_cache, args.no_compilation_cache)
-  if cache_dir and not jax.config.jax_compilation_cache_dir:
+  # A cache folder set through JAX's own JAX_COMPILATION_CACHE_DIR is kept unless the
+  # flag names another.
+  if cache_dir and (args.compilation_cache or not jax.config.jax_compilation_cache_dir):
     enable_compilation_cache(cache_dir)
   try:
     predictor = Predictor.from_workdir(args.workdir, step=args.step,

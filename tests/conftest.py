@@ -47,49 +47,12 @@ def make_config():
   return tiny_config
 
 
-
-def save_untrained_workdir(workdir: str, config, class_names, step: int = 6) -> None:
-  """Writes a checkpoint the way training does, without training or compiling.
-
-  Jitting `model.init` costs 30 s or more on a loaded 2-core machine (threefry), so the
-  state's structure comes from `jax.eval_shape` and its values from numpy: He-scaled
-  kernels, random biases and batch-norm scales, and non-trivial running statistics, so
-  that inference mode (running averages) differs from training mode (batch statistics).
-  """
-  import jax
-  import numpy as np
-  from jaxcls import checkpoint
-  from jaxcls.models import create_model
-  from jaxcls.train import create_train_state
-  model = create_model(config.model, len(class_names))
-  shapes = jax.eval_shape(
-      lambda: create_train_state(config, model, jax.random.key(config.seed), step))
-  rng = np.random.default_rng(config.seed)
-
-  def fill(path, x):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['kernel']"):
-      values = rng.normal(0.0, np.sqrt(2.0 / np.prod(x.shape[:-1])), x.shape)
-    elif name.endswith("['mean']") or name.endswith("['bias']"):
-      values = rng.normal(0.0, 0.3, x.shape)
-    elif name.endswith("['var']") or name.endswith("['scale']"):
-      values = rng.uniform(0.5, 2.0, x.shape)
-    else:
-      values = np.zeros(x.shape)
-    return np.asarray(values, x.dtype)
-
-  state = jax.tree_util.tree_map_with_path(fill, shapes).replace(step=np.int32(step))
-  mngr = checkpoint.manager(workdir)
-  checkpoint.save(mngr, step, state, {
-      "config": config.to_dict(), "class_names": list(class_names), "epoch": 1,
-      "step": step, "metrics": {"epoch": 1, "step": step, "val_accuracy": 0.5}})
-  mngr.wait_until_finished()
-  mngr.close()
-
-
 @pytest.fixture(scope="session")
 def predict_workdir(tmp_path_factory, shapes_dir):
-  """A workdir with an (untrained) tiny-model checkpoint for the shapes_dir classes."""
+  """A workdir with a tiny-model checkpoint (random weights, no training: seconds, not
+  a minute) for the shapes_dir classes."""
+  from jaxcls.predict_benchmark import write_random_workdir
   workdir = str(tmp_path_factory.mktemp("predict_workdir"))
-  save_untrained_workdir(workdir, tiny_config(f"folder:{shapes_dir}"), ("circle", "square"))
+  write_random_workdir(workdir, tiny_config(f"folder:{shapes_dir}"), ("circle", "square"),
+                       step=6)
   return workdir
