@@ -98,8 +98,10 @@ def first_answer(workdir: str, image: str, cache_args: Sequence[str]) -> tuple[f
              *cache_args]
   cpu_before = _children_cpu_seconds()
   start = time.perf_counter()
+  # `-m` puts the working folder first on sys.path: run where this jaxcls lives.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env)
+                          text=True, env=env, cwd=root)
   line = proc.stdout.readline()
   seconds = time.perf_counter() - start
   _, err = proc.communicate()

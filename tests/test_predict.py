@@ -300,11 +300,13 @@ def test_second_cli_run_uses_the_compilation_cache(predict_workdir, shapes_dir, 
              JAXCLS_COMPILATION_CACHE=str(cache), XDG_CACHE_HOME=str(tmp_path / "xdg"))
   image = os.path.join(shapes_dir, "circle", "circle_0001.png")
   command = [sys.executable, "-m", "jaxcls.predict", "--workdir", predict_workdir, image]
-  first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+  first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
   assert first.returncode == 0, first.stderr
   assert "cache hit for 'jit_predict'" not in first.stderr
   assert any(name.startswith("jit_predict") for name in os.listdir(cache))
-  second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+  second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
   assert second.returncode == 0, second.stderr
   assert "Persistent compilation cache hit for 'jit_predict'" in second.stderr
   assert second.stdout == first.stdout and second.stdout.startswith(image + "\t")
