@@ -126,7 +126,9 @@ def check(predictor: predict_lib.Predictor, exported: jax.export.Exported, *,
 
 def _runs_here(platforms: Sequence[str]) -> bool:
   backend = jax.default_backend()  # "cpu", "gpu" or "tpu".
-  return backend in platforms or (backend == "gpu" and bool({"cuda", "rocm"} & set(platforms)))
+  if backend == "gpu":
+    return bool({"cuda", "rocm"} & set(platforms))
+  return backend in platforms
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="Output file, e.g. model.jaxexport.")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step to export.")
   parser.add_argument("--tta", action="store_true",
-                      help="Bake in test-time augmentation (average with the mirror image).")
+                      help="Bake in test-time augmentation (average with the mirror).")
   parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                       help="Comma-separated platforms the file runs on: cpu, cuda, rocm, "
                            f"tpu (default {','.join(DEFAULT_PLATFORMS)}).")

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -251,7 +251,8 @@ class Predictor:
     paths = [os.fspath(p) for p in paths]
     return self._iter(paths, paths, top_k)
 
-  def predict_files(self, paths: Iterable[str], top_k: int | None = None) -> list[Prediction]:
+  def predict_files(self, paths: Iterable[str],
+                    top_k: int | None = None) -> list[Prediction]:
     """One Prediction per path, in order; unreadable files get `error` set.
 
     `top_k` most probable classes go in each Prediction's `top_k` (default 5, at most
@@ -260,7 +261,7 @@ class Predictor:
     return list(self.iter_predict_files(paths, top_k))
 
   def predict_images(self, images: Iterable, top_k: int | None = None) -> list[Prediction]:
-    """Like predict_files, for PIL images, encoded bytes or arrays ([H, W], [H, W, 1|3|4])."""
+    """Like predict_files, for PIL images, encoded bytes or [H, W(, 1|3|4)] arrays."""
     images = list(images)
     return list(self._iter(images, [None] * len(images), top_k))
 
@@ -442,7 +443,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step to use.")
   parser.add_argument("--workers", type=int, default=0,
                       help="Decode threads (default 0: one per CPU core).")
-  parser.add_argument("--no-progress", action="store_true", help="Never show a progress bar.")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="Never show a progress bar.")
   parser.add_argument("--compilation-cache", default=None, metavar="DIR",
                       help="JAX persistent compilation cache folder (default: "
                            f"${CACHE_ENV}, else ~/.cache/jaxcls/jax_cache).")

@@ -88,7 +88,8 @@ def _children_cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def first_answer(workdir: str, image: str, cache_args: Sequence[str]) -> tuple[float, float]:
+def first_answer(workdir: str, image: str,
+                 cache_args: Sequence[str]) -> tuple[float, float]:
   """(wall seconds from launch to the first stdout line, CPU seconds of the whole process)
   for `python -m jaxcls.predict` on one image. CPU time varies less than wall time on a
   machine shared with other work."""

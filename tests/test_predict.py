@@ -16,7 +16,6 @@ import optax
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
 from jaxcls import predict as predict_lib
 from jaxcls import train
 from jaxcls.data import loader, sources
@@ -45,10 +44,10 @@ def _pattern(height=40, width=24, seed=0):
   return img
 
 
-def test_predictor_matches_the_evaluation_path(predictor, shapes_dir):
+def test_predictor_matches_the_evaluation_path(predictor, shapes_dir, make_config):
   """Every validation file: the loader's eval pixels are the Predictor's, byte for byte,
   and `train.eval_step` (pmapped over 8 devices) sees the Predictor's probabilities."""
-  config = tiny_config(f"folder:{shapes_dir}")
+  config = make_config(f"folder:{shapes_dir}")
   val = sources.build_dataset(config.data, config.seed, workers=2).val
   batches = list(loader.eval_batches(val, batch_size=config.batch_size,
                                      image_size=config.data.image_size))
@@ -69,7 +68,7 @@ def test_predictor_matches_the_evaluation_path(predictor, shapes_dir):
   devices = jax.local_devices()
   p_eval = jax.pmap(train.eval_step, axis_name=train.AXIS)
   replicated = flax.jax_utils.replicate(state, devices)
-  eval_p_label, eval_correct, row = [], [], 0
+  eval_p_label, eval_correct = [], []
   for batch in batches:
     for r in np.flatnonzero(batch["mask"]):
       one = dict(batch, mask=np.arange(len(batch["mask"])) == r)
@@ -77,7 +76,6 @@ def test_predictor_matches_the_evaluation_path(predictor, shapes_dir):
       assert int(sums["count"][0]) == 1
       eval_p_label.append(np.exp(-float(sums["loss"][0])))
       eval_correct.append(int(sums["correct"][0]))
-      row += 1
   results = predictor.predict_files(paths)
   probs = _probs(results)  # Columns in sorted class order: circle, square.
   p_label = probs[np.arange(len(labels)), labels]
@@ -100,7 +98,8 @@ def test_any_mode_is_predicted_as_upright_rgb(predictor, tmp_path, mode):
   rgb = _pattern()
   gray = rgb[..., 0]
   if mode == "grayscale":
-    path, reference = _save(Image.fromarray(gray, "L"), tmp_path / "g.png"), np.dstack([gray] * 3)
+    path = _save(Image.fromarray(gray, "L"), tmp_path / "g.png")
+    reference = np.dstack([gray] * 3)
   elif mode == "palette":
     img = Image.fromarray(rgb).quantize(16)
     path, reference = _save(img, tmp_path / "p.png"), np.asarray(img.convert("RGB"))
@@ -254,7 +253,8 @@ def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, 
   expected = predictor.predict_files(files[:20])
   for row, want in zip(rows, expected):
     assert row["label"] == want.label and row["error"] == ""
-    assert float(row["prob_circle"]) == pytest.approx(want.probabilities["circle"], abs=1e-6)
+    assert float(row["prob_circle"]) == pytest.approx(want.probabilities["circle"],
+                                                      abs=1e-6)
     assert row["top2_label"] == want.top_k[1][0]
   counts = {c: sum(r["label"] == c for r in rows) for c in ("circle", "square")}
   assert "Predicted 120 of 122 input(s)" in err and "2 failed" in err
