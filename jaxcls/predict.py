@@ -453,11 +453,9 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _open_writer(args, class_names: Sequence[str], bar):
-  if args.output is None:
+def _make_writer(args, out, class_names: Sequence[str], bar):
+  if out is None:
     return _JsonWriter(sys.stdout, False) if args.json else _TextWriter(sys.stdout, bar)
-  out = open(args.output, "w", newline="" if args.output.endswith(".csv") else None,
-             encoding="utf-8")
   if args.output.endswith(".csv"):
     return _CsvWriter(out, class_names, min(args.top_k, len(class_names)))
   return _JsonWriter(out, True)
@@ -486,29 +484,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   # flag names another.
   if cache_dir and (args.compilation_cache or not jax.config.jax_compilation_cache_dir):
     enable_compilation_cache(cache_dir)
+  out = None
+  if args.output is not None:  # Before loading the model: fail fast.
+    try:
+      out = open(args.output, "w", newline="", encoding="utf-8")
+    except OSError as e:
+      print(f"error: cannot write --output '{args.output}' ({e.strerror or e}).",
+            file=sys.stderr)
+      return 2
   try:
     predictor = Predictor.from_workdir(args.workdir, step=args.step,
                                        batch_size=args.batch_size)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    if out is not None:
+      out.close()
+      os.remove(args.output)
     return 2
   predictor.workers, predictor.tta = args.workers, args.tta
-  return _predict_all(predictor, args)
+  return _predict_all(predictor, args, out)
 
 
-def _predict_all(predictor: Predictor, args) -> int:
+def _predict_all(predictor: Predictor, args, out) -> int:
   from tqdm.auto import tqdm  # Imported here: only the CLI draws a progress bar.
   start = time.perf_counter()
   entries = expand_inputs(args.paths)
   bar = tqdm(total=len(entries), unit="img", file=sys.stderr, dynamic_ncols=True,
              disable=args.no_progress or len(entries) < MANY_FILES)
-  try:
-    writer = _open_writer(args, predictor.class_names, bar)
-  except OSError as e:
-    bar.close()
-    print(f"error: cannot write --output '{args.output}' ({e.strerror or e}).",
-          file=sys.stderr)
-    return 2
+  writer = _make_writer(args, out, predictor.class_names, bar)
   results = predictor.iter_predict_files(
       [path for path, error in entries if error is None], top_k=args.top_k)
   failed, counts = 0, collections.Counter()

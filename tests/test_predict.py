@@ -290,8 +290,13 @@ def test_cli_jsonl_text_and_exit_status(predictor, predict_workdir, shapes_dir, 
   assert lines[1].endswith("error: no file matches this pattern")
 
   assert _cli(capsys, "--workdir", predict_workdir, files[0], "--output", "x.txt")[0] == 2
-  code, _, err = _cli(capsys, "--workdir", str(tmp_path / "nothing"), files[0])
+  code, _, err = _cli(capsys, "--workdir", predict_workdir, files[0],
+                      "--output", str(tmp_path / "no_folder" / "out.csv"))
+  assert code == 2 and "cannot write --output" in err
+  code, _, err = _cli(capsys, "--workdir", str(tmp_path / "nothing"), files[0],
+                      "--output", str(tmp_path / "never.jsonl"))
   assert code == 2 and "No checkpoints" in err
+  assert not (tmp_path / "never.jsonl").exists()  # No empty file left behind.
 
 
 def test_second_cli_run_uses_the_compilation_cache(predict_workdir, shapes_dir, tmp_path):
