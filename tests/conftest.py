@@ -52,3 +52,14 @@ def tiny_config(source: str, **overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def predict_workdir(tmp_path_factory, shapes_dir):
+  """A workdir with a tiny-model checkpoint (random weights, no training: seconds, not
+  a minute) for the shapes_dir classes."""
+  from jaxcls.predict_benchmark import write_random_workdir
+  workdir = str(tmp_path_factory.mktemp("predict_workdir"))
+  write_random_workdir(workdir, tiny_config(f"folder:{shapes_dir}"), ("disc", "stripes"),
+                       step=6)
+  return workdir
