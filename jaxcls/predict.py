@@ -74,7 +74,11 @@ class Predictor:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
                    batch_size: int = 64) -> "Predictor":
-    """Rebuilds the model and its weights from a checkpoint alone (latest by default)."""
+    """Rebuilds the model and its weights from a checkpoint alone.
+
+    By default the checkpoint with the best validation accuracy (the latest one if none
+    was validated yet); `step` picks another. `checkpoint_description` says which.
+    """
     from jaxcls.train import create_train_state  # Only the state's structure is used.
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
       raise FileNotFoundError(f"No checkpoints in '{workdir}'. Train first: python "
@@ -83,7 +87,8 @@ class Predictor:
     steps = mngr.all_steps()
     if not steps:
       raise FileNotFoundError(f"No finished checkpoint in '{workdir}'.")
-    step = steps[-1] if step is None else step
+    chosen = step
+    step = checkpoint.best_step(mngr) if step is None else step
     if step not in steps:
       raise ValueError(f"No checkpoint at step {step} in '{workdir}'; have {steps}.")
     meta = checkpoint.restore_meta(mngr, step)
@@ -95,8 +100,13 @@ class Predictor:
     state = checkpoint.restore_state(mngr, step, target)
     mngr.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return cls(model, variables, class_names, config.data.image_size, step=step,
-               batch_size=batch_size)
+    predictor = cls(model, variables, class_names, config.data.image_size, step=step,
+                    batch_size=batch_size)
+    which = "requested" if chosen is not None else (
+        "best" if meta.get("metrics", {}).get("step") == step else "latest")
+    predictor.checkpoint_description = (
+        f"the {which} checkpoint: {checkpoint.describe(step, meta)}")
+    return predictor
 
   def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities [N, C] and labels [N] for preprocessed uint8 [N, S, S, 3] images.
@@ -169,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="The training run's workdir.")
   parser.add_argument("paths", nargs="+", help="Image files or folders.")
   parser.add_argument("--json", action="store_true", help="One JSON object per line.")
-  parser.add_argument("--step", type=int, default=None, help="Checkpoint step to use.")
+  parser.add_argument("--step", type=int, default=None,
+                      help="Checkpoint step to use (default: the best by val accuracy).")
   parser.add_argument("--batch-size", type=int, default=64)
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices.
@@ -179,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  print(f"Loaded {predictor.checkpoint_description} from {args.workdir}", file=sys.stderr)
   failed = 0
   for result in predictor.predict_files(expand_paths(args.paths)):
     failed += not result.ok
