@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -235,12 +236,19 @@ def _check_losses(rows: list[dict], done: int, workdir: str, config) -> None:
 
 
 def _write_error_cause(error: BaseException) -> OSError | None:
-  """The OSError behind `error` that says the disk is full or not writable, if any."""
+  """The OSError behind `error` that says the disk is full or not writable, if any.
+
+  Orbax's background writes fail with TensorStore errors (a ValueError whose text ends
+  in "[os_error_code='28']"); those are turned back into the OSError they describe.
+  """
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
       return error
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code and int(code.group(1)) in WRITE_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     error = error.__cause__ or error.__context__
   return None
 
@@ -293,6 +301,15 @@ class _StopSignals:
 
   def __exit__(self, *exc) -> None:
     self._restore()
+
+
+def _unreplicate(tree):
+  """Device 0's copy of a pmapped tree.
+
+  Not flax.jax_utils.unreplicate: with pmap on one device out of several, it returns
+  arrays that keep the leading axis of size 1, which then land in checkpoints.
+  """
+  return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
 def _new_progress() -> dict:
@@ -447,7 +464,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"acc {last['train_accuracy']:.4f}  "
                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
         if end_of_epoch or periodic or signals.received:
-          state = flax.jax_utils.unreplicate(replicated)
+          state = _unreplicate(replicated)
           if not bool(_all_finite((state.params, state.batch_stats))):
             raise _diverged("the parameters became NaN or infinite", done, workdir, config)
           checkpoint.save(mngr, done, state, {
@@ -472,7 +489,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     log.warning("Stopped by %s at step %d; checkpoint %d saved in %s. Run the same "
                 "command again to resume.", stop_reason, done, done,
                 checkpoint.checkpoint_dir(workdir))
-  final = jax.device_get(flax.jax_utils.unreplicate(replicated))
+  final = jax.device_get(_unreplicate(replicated))
   return final, {**last, "final_step": done, "stop_reason": stop_reason}
 
 
