@@ -390,9 +390,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   if start_step >= num_steps or (start_step % steps_per_epoch == 0 and _patience_ran_out(
       progress, config, start_step // steps_per_epoch)):
-    log.info("Training already finished at step %d; nothing to do.", start_step)
-    mngr.close()
     reason = "finished" if start_step >= num_steps else "early_stopping"
+    log.info("Training already %s at step %d; nothing to do.",
+             "finished" if reason == "finished" else "stopped early", start_step)
+    mngr.close()
     return state, {**last, "final_step": start_step, "stop_reason": reason}
 
   p_train_step = jax.pmap(

@@ -424,3 +424,22 @@ def test_ranking_prefers_accuracy_then_earlier_step():
                    {"step": 6, "val_accuracy": 0.8}, {"step": 18, "val_accuracy": 0.5}],
                   key=checkpoint.ranking_key)
   assert [m["step"] for m in ranked] == [4, 18, 12, 6]
+
+
+def test_half_written_checkpoint_is_invisible_and_cleaned_up(reference, tmp_path):
+  """What a crash mid-save leaves (a temporary folder) is never the latest checkpoint."""
+  ref_workdir, _ = reference
+  workdir = copy_workdir(ref_workdir, str(tmp_path / "run"), up_to_step=12)
+  partial = os.path.join(checkpoint.checkpoint_dir(workdir),
+                         "16.orbax-checkpoint-tmp-1234567")
+  shutil.copytree(os.path.join(checkpoint.checkpoint_dir(ref_workdir), "16"), partial)
+  for root, _, files in os.walk(partial):
+    for name in files[:1]:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(3)
+  reader = checkpoint.manager(workdir, read_only=True)
+  assert reader.latest_step() == 12 and reader.all_steps() == [4, 6, 8, 12]
+  assert predict.Predictor.from_workdir(workdir, step=12).step == 12
+  writer = checkpoint.manager(workdir, keep=10)  # What training opens on resume.
+  writer.close()
+  assert not os.path.exists(partial)
