@@ -60,7 +60,7 @@ def resume_config(shapes_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def reference(shapes_dir, compile_cache, tmp_path_factory):
-  """The uninterrupted run: its workdir (checkpoints 4, 6, 8, 12, 16, 18) and final state."""
+  """The uninterrupted run: its workdir (checkpoints 4, 6, 8, 12, 16, 18), final state."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   state, final = train.train_and_evaluate(resume_config(shapes_dir), workdir)
   assert final["stop_reason"] == "finished" and final["final_step"] == 18
@@ -227,9 +227,9 @@ def test_sigterm_saves_current_step_and_says_how_to_resume(shapes_dir, reference
   assert_states_identical(state, ref_state)
 
 
-def test_resume_on_one_then_two_devices(shapes_dir, compile_cache, tmp_path):
-  """Written with 8 devices, continued on 1, then on 2: same global batch, and the same
-  result as the uninterrupted 8-device run up to float rounding.
+def test_resume_on_other_device_counts_and_back(shapes_dir, compile_cache, tmp_path):
+  """Written with 8 devices, continued on 1 and then on 8 again, or on 2: same global
+  batch, and the uninterrupted 8-device result up to float rounding.
 
   Augmentation is off here: its random draws are per device (fold_in of the device
   index), so with it on, other device counts draw other augmentations.
@@ -239,17 +239,23 @@ def test_resume_on_one_then_two_devices(shapes_dir, compile_cache, tmp_path):
   devices = jax.local_devices()
   assert len(devices) == 8
   ref_state, ref_final = train.train_and_evaluate(deterministic, str(tmp_path / "ref"))
-  workdir = copy_workdir(str(tmp_path / "ref"), str(tmp_path / "run"), up_to_step=6)
-  deterministic.num_epochs = 2
-  _, final = train.train_and_evaluate(deterministic, workdir, devices=devices[:1])
-  assert final["final_step"] == 12
-  deterministic.num_epochs = NUM_EPOCHS
-  state, final = train.train_and_evaluate(deterministic, workdir, devices=devices[:2])
-  assert final["final_step"] == 18
-  worst = max(float(np.max(np.abs(x - y)))
-              for x, y in zip(state_leaves(state), state_leaves(ref_state)))
-  assert worst < 1e-4, f"largest difference from the 8-device run: {worst}"
-  assert final["val_accuracy"] == pytest.approx(ref_final["val_accuracy"], abs=0.06)
+
+  def continue_run(workdir, num_epochs, devices):
+    deterministic.num_epochs = num_epochs
+    state, final = train.train_and_evaluate(deterministic, workdir, devices=devices)
+    assert final["final_step"] == num_epochs * STEPS_PER_EPOCH
+    return state, final
+
+  there_and_back = copy_workdir(str(tmp_path / "ref"), str(tmp_path / "a"), up_to_step=6)
+  continue_run(there_and_back, 2, devices[:1])
+  results = [continue_run(there_and_back, NUM_EPOCHS, devices)]
+  on_two = copy_workdir(str(tmp_path / "ref"), str(tmp_path / "b"), up_to_step=12)
+  results.append(continue_run(on_two, NUM_EPOCHS, devices[:2]))
+  for state, final in results:
+    worst = max(float(np.max(np.abs(x - y)))
+                for x, y in zip(state_leaves(state), state_leaves(ref_state)))
+    assert worst < 1e-4, f"largest difference from the 8-device run: {worst}"
+    assert final["val_accuracy"] == pytest.approx(ref_final["val_accuracy"], abs=0.06)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_dir, reference, tmp_path):
