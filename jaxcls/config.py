@@ -60,9 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50
   c.train.progress_bar = True
   c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
+  # Stop after this many epochs without a better validation accuracy; 0 = never.
+  c.train.early_stopping_patience = 0
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3  # The last N checkpoints; the best one is kept besides these.
+  c.checkpoint.every_steps = 1000  # Also save every N steps (0 = at epoch ends only).
+  c.checkpoint.async_save = True  # Write in a background thread while training goes on.
   return c
 
 
@@ -141,6 +145,10 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "use 1 or more")
   need(c.train.log_images >= 0, "train.log_images", "use 0 (none) or a positive count")
+  need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps",
+       "use 0 (epoch ends only) or a positive number of steps")
+  need(c.train.early_stopping_patience >= 0, "train.early_stopping_patience",
+       "use 0 (off) or a positive number of epochs")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
