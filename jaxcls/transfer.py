@@ -91,4 +91,4 @@ def transplant_backbone(state: Any, source: Source) -> Any:
   log.info("init_from: backbone from '%s' (trained on %d classes); new head for this "
            "run.", source.workdir, len(source.class_names))
   return state.replace(params=params, batch_stats=batch_stats,
-                       opt_state=state.tx.init(params))
+                       opt_state=jax.jit(state.tx.init)(params))
