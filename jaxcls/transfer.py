@@ -36,9 +36,15 @@ class Source:
 
 
 def load_source(workdir: str) -> Source:
-  """Reads the latest checkpoint of `workdir` (raises FileNotFoundError if none)."""
+  """Reads the latest checkpoint of `workdir` (ConfigError if it has none)."""
   from jaxcls.predict import Predictor  # Rebuilds any workdir's model from its meta.
-  predictor = Predictor.from_workdir(workdir)
+  try:
+    predictor = Predictor.from_workdir(workdir)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(
+        f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir, "
+        "or import weights first: python -m jaxcls.pretrained import --arch resnet50 "
+        f"--weights FILE --out {workdir}") from None
   mngr = checkpoint.manager(workdir, read_only=True)
   meta = checkpoint.restore_meta(mngr, predictor.step)
   mngr.close()
