@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,6 +50,8 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   device = jax.local_devices()[0]
 
   def abstract(x):
+    if not hasattr(x, "shape"):  # A Python scalar, such as a fresh state's step.
+      x = np.asarray(x)
     sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 

@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   # With optim.freeze="backbone": train the whole network after this many epochs;
   # 0 keeps the backbone frozen for the whole run.
   c.train.unfreeze_after_epochs = 0
+  c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
@@ -156,6 +157,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   _check_transfer_values(c, need)
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "use 1 or more")
+  need(c.train.log_images >= 0, "train.log_images", "use 0 (none) or a positive count")
 
 
 def _check_transfer_values(c: ml_collections.ConfigDict, need) -> None:

@@ -50,6 +50,19 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of each array of a pmapped result, on that device.
+
+  (flax.jax_utils.unreplicate returns a [1, ...] array when pmap ran on one device of
+  several, so the shard is indexed here directly.)
+  """
+  def first(x):
+    if isinstance(x, jax.Array):
+      return x.addressable_shards[0].data[0]
+    return x[0]
+  return jax.tree.map(first, tree)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
                        steps_per_epoch: int) -> TrainState:
   """Initializes parameters (on the host's default device) and the optimizer."""
@@ -102,12 +115,21 @@ def _loss(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float) -> j
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def eval_outputs(apply_fn, variables: dict, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-example logits [B, C] and losses [B] in evaluation mode.
+
+  The one evaluation computation: `eval_step` sums it over devices for the metrics,
+  and the report (`jaxcls.report`) keeps it per example for its figures.
+  """
+  logits = apply_fn(variables, batch["image"], train=False)
+  return logits, optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+
+
 def eval_step(state: TrainState, batch: dict) -> dict:
   """Sums of loss, correct predictions and real (unmasked) examples over all devices."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+  logits, losses = eval_outputs(
+      state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, batch)
   mask = batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
   sums = {"loss": jnp.sum(jnp.where(mask, losses, 0.0)),
           "correct": jnp.sum(correct.astype(jnp.int32)),
@@ -179,6 +201,29 @@ def _check_resume_compatible(saved_config: dict, config, saved_classes, classes)
     raise config_lib.ConfigError(
         f"The workdir holds a run trained on classes {list(saved_classes)}, but the data "
         f"now has {list(classes)}. Use a new --workdir for a different data set.")
+
+
+def _log_augmented_images(writer: metrics_lib.MetricWriter, source, config,
+                          rng: jax.Array, count: int) -> None:
+  """Puts a grid of `count` augmented training images in TensorBoard (step 0).
+
+  The first images of a training order go through `augment.augment` with the run's
+  settings (its own random draw), so a wrong setting shows before hours are spent.
+  It runs jitted on the host CPU, leaving the accelerators to training.
+  """
+  batch = next(loader.train_batches(
+      source, batch_size=min(count, len(source)), image_size=config.data.image_size,
+      seed=config.seed, num_steps=1, workers=1))
+  try:
+    device = jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS excludes the CPU: use the default device.
+    device = jax.local_devices()[0]
+  apply = jax.jit(functools.partial(
+      augment.augment, flip=config.augment.flip, rotation=config.augment.rotation,
+      scale=tuple(config.augment.scale)))
+  images = apply(jax.device_put(jax.random.fold_in(rng, 0), device),
+                 jax.device_put(batch["image"], device))
+  writer.write_images(0, "train/augmented_images", np.asarray(images))
 
 
 def _summaries(rows: list[dict]) -> dict:
@@ -276,6 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workers=_workers(config), process_index=jax.process_index(),
       process_count=jax.process_count()), devices)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  if is_main and start_step == 0 and config.train.log_images:
+    _log_augmented_images(writer, dataset.train, config, train_rng,
+                          config.train.log_images)
   replicated = flax.jax_utils.replicate(state, devices)
   bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (config.train.progress_bar and is_main))
@@ -319,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar.write(f"epoch {epoch}/{config.num_epochs}  step {done}  "
                 f"train loss {last['train_loss']:.4f} acc {last['train_accuracy']:.4f}  "
                 f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
-    state = flax.jax_utils.unreplicate(replicated)
+    state = unreplicate(replicated)
     checkpoint.save(mngr, done, state, {
         "config": config.to_dict(), "class_names": list(dataset.class_names),
         "epoch": epoch, "step": done, "metrics": last})
@@ -327,4 +375,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  return jax.device_get(flax.jax_utils.unreplicate(replicated)), last
+  return jax.device_get(unreplicate(replicated)), last

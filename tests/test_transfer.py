@@ -61,11 +61,11 @@ def test_frozen_backbone_is_bit_identical_until_unfrozen(shapes_dir, source_run,
 
 
 def three_class_folder(shapes_dir: str, root: str) -> str:
-  """circle/ and square/ from the shapes, plus inverted/ (squares in inverted colours)."""
-  for name in ("circle", "square"):
+  """disc/ and stripes/ from the shapes, plus inverted/ (stripes in inverted colours)."""
+  for name in ("disc", "stripes"):
     shutil.copytree(os.path.join(shapes_dir, name), os.path.join(root, name))
   os.makedirs(os.path.join(root, "inverted"))
-  square_dir = os.path.join(shapes_dir, "square")
+  square_dir = os.path.join(shapes_dir, "stripes")
   for name in sorted(os.listdir(square_dir)):
     with Image.open(os.path.join(square_dir, name)) as img:
       ImageOps.invert(img.convert("RGB")).save(
@@ -87,7 +87,7 @@ def test_two_class_checkpoint_initialises_a_three_class_run(shapes_dir, source_r
   assert_trees_equal(state.params["backbone"], source.params["backbone"])
   # The source's input normalization came along, so predict normalizes the same way.
   predictor = Predictor.from_workdir(workdir)
-  assert predictor.class_names == ("circle", "inverted", "square")
+  assert predictor.class_names == ("disc", "inverted", "stripes")
   assert tuple(predictor.model.mean) == (100.0, 110.0, 120.0)
   assert tuple(predictor.model.std) == (50.0, 60.0, 70.0)
 
