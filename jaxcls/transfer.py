@@ -64,10 +64,15 @@ def adopt_source_model(config: ml_collections.ConfigDict,
   for key in _ADOPTED_KEYS:
     mine, theirs = tuple(config.model[key]), tuple(source.config.model[key])
     if mine != theirs:
-      log.info("init_from: model.%s=%s from the source (the config said %s).", key,
-               theirs, mine)
+      if key != "widths" or config.model.name == "cnn":  # Only the cnn has widths.
+        log.info("init_from: model.%s=%s from the source (the config said %s).", key,
+                 _short(theirs), _short(mine))
       config.model[key] = theirs
   return config
+
+
+def _short(values: tuple) -> str:
+  return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def _check_same_shapes(name: str, target: Any, source: Any, workdir: str) -> None:
