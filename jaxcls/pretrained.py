@@ -255,5 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run():
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -137,7 +137,7 @@ def test_config_rejects_bad_recipe_values(key, value, words):
   config.data.source = "generated:shapes"
   section, leaf = key.split(".")
   config[section][leaf] = value
-  with pytest.raises(ConfigError, match=None) as e:
+  with pytest.raises(ConfigError) as e:
     validate(config)
   assert key in str(e.value) and words in str(e.value)
 
