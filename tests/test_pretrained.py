@@ -131,7 +131,7 @@ def write_safetensors(path: str, tensors: dict) -> None:
 
 
 def test_resnet50_pth_import_matches_pytorch_logits(tmp_path):
-  import torch
+  torch = pytest.importorskip("torch")
   model = torch_resnet("resnet50", num_classes=5)
   weights = str(tmp_path / "resnet50.pth")
   torch.save(model.state_dict(), weights)
