@@ -3,7 +3,6 @@
 import functools
 import math
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from jaxcls import optim
 from jaxcls.config import base_config
 from jaxcls.models import create_model
-from jaxcls.train import TrainState, train_step
+from jaxcls.train import TrainState, replicate, root_key, train_step
 
 AXIS = "batch"
 
@@ -67,7 +66,7 @@ def one_step(state: TrainState, batch: dict, **kwargs):
   step = jax.pmap(functools.partial(train_step, flip=True, rotation=0.0, scale=(1.0, 1.0),
                                     **kwargs),
                   axis_name=AXIS, devices=devices, in_axes=(0, 0, None))
-  new, metrics = step(flax.jax_utils.replicate(state, devices), batch, jax.random.key(1))
+  new, metrics = step(replicate(state, devices), batch, root_key(1))
   return jax.device_get(new), jax.device_get(metrics)
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import zlib
 
-import flax.jax_utils
 import jax
 import numpy as np
 import optax
@@ -67,7 +66,7 @@ def test_predictor_matches_the_evaluation_path(predictor, shapes_dir, make_confi
                                   batch_stats=predictor.variables["batch_stats"])
   devices = jax.local_devices()
   p_eval = jax.pmap(train.eval_step, axis_name=train.AXIS)
-  replicated = flax.jax_utils.replicate(state, devices)
+  replicated = train.replicate(state, devices)
   eval_p_label, eval_correct = [], []
   for batch in batches:
     for r in np.flatnonzero(batch["mask"]):

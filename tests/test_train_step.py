@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.jax_utils
 import jax
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from jaxcls.models import create_model
 def _setup(num_classes=2, **overrides):
   config = tiny_config("generated:shapes", **overrides)
   model = create_model(config.model, num_classes, axis_name=train.AXIS)
-  state = train.create_train_state(config, model, jax.random.key(0), steps_per_epoch=10)
+  state = train.create_train_state(config, model, train.root_key(0), steps_per_epoch=10)
   return config, model, state
 
 
@@ -24,7 +23,7 @@ def _step_on(devices, state, batch, rng):
   step = jax.pmap(functools.partial(train.train_step, flip=False, rotation=0.0,
                                     scale=(1.0, 1.0)),
                   axis_name=train.AXIS, devices=devices, in_axes=(0, 0, None))
-  new_state, metrics = step(flax.jax_utils.replicate(state, devices),
+  new_state, metrics = step(train.replicate(state, devices),
                             loader.shard(batch, len(devices)), rng)
   return train.unreplicate(new_state), jax.device_get(metrics)
 
@@ -36,7 +35,7 @@ def test_one_step_same_on_8_devices_and_1():
   batch = {"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
            "label": rng.integers(0, 2, (16,)).astype(np.int32),
            "mask": np.ones((16,), bool)}
-  key = jax.random.key(1)
+  key = train.root_key(1)
   state8, metrics8 = _step_on(jax.local_devices(), state, batch, key)
   state1, metrics1 = _step_on(jax.local_devices()[:1], state, batch, key)
   np.testing.assert_allclose(metrics8["loss"][0], metrics1["loss"][0], rtol=1e-5)
@@ -68,8 +67,8 @@ def test_dropout_rng_differs_per_device_and_step():
 
   devices = jax.local_devices()
   fn = jax.pmap(local_loss, axis_name=train.AXIS, in_axes=(0, 0, None))
-  logits = np.asarray(fn(flax.jax_utils.replicate(state, devices), loader.shard(batch, 8),
-                         jax.random.key(0)))
+  logits = np.asarray(fn(train.replicate(state, devices), loader.shard(batch, 8),
+                         train.root_key(0)))
   assert len({logits[i].tobytes() for i in range(8)}) == 8
 
 
