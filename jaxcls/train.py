@@ -33,13 +33,14 @@ from jaxcls import checkpoint
 from jaxcls import config as config_lib
 from jaxcls import metrics as metrics_lib
 from jaxcls import optim
+from jaxcls import transfer
 from jaxcls.data import augment, loader, sources
-from jaxcls.models import create_model
+from jaxcls.models import create_model, flops_per_image
 
 AXIS = "batch"
 # Changing these between runs on one workdir changes the model's structure or inputs.
 STRUCTURE_KEYS = ("model.name", "model.widths", "model.input_mean", "model.input_std",
-                  "data.image_size")
+                  "model.head_hidden", "data.image_size")
 # Changing these on resume is harmless: no warning. Any other change warns.
 QUIET_KEYS = ("data.workers", "train.progress_bar", "train.log_every_steps",
               "checkpoint.keep", "checkpoint.every_steps", "checkpoint.async_save")
@@ -101,14 +102,20 @@ def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
   size = config.data.image_size
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.uint8))
-  tx = optim.create_optimizer(config.optim, steps_per_epoch, config.num_epochs)
+  tx = optim.create_optimizer(config.optim, steps_per_epoch, config.num_epochs,
+                              optim.frozen_steps(config, steps_per_epoch))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
-               rotation: float, scale: tuple[float, float]) -> tuple[TrainState, dict]:
-  """One SGD step on this device's share of the batch; call it under pmap."""
+               rotation: float, scale: tuple[float, float], label_smoothing: float = 0.0,
+               freeze_backbone: bool = False) -> tuple[TrainState, dict]:
+  """One SGD step on this device's share of the batch; call it under pmap.
+
+  `freeze_backbone` stops gradients at the backbone, so backpropagation skips it (the
+  optimizer keeps a frozen backbone's update at exactly zero either way).
+  """
   rng = jax.random.fold_in(rng, state.step)
   rng = jax.random.fold_in(rng, lax.axis_index(AXIS))
   augment_rng, dropout_rng = jax.random.split(rng)
@@ -117,10 +124,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
   labels = batch["label"]
 
   def loss_fn(params):
+    if freeze_backbone:
+      params = {**params, "backbone": lax.stop_gradient(params["backbone"])}
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss = _loss(logits, labels, label_smoothing)
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -129,6 +138,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, lax.pmean({"loss": loss, "accuracy": accuracy}, AXIS)
+
+
+def _loss(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float) -> jnp.ndarray:
+  """Mean cross-entropy (float32) against labels smoothed by `label_smoothing`."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def eval_outputs(apply_fn, variables: dict, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -383,6 +400,30 @@ def _patience_ran_out(progress: dict, config, epoch: int) -> bool:
   return bool(patience) and best is not None and epoch - best["epoch"] >= patience
 
 
+def _pmap_train_step(config, devices, *, freeze_backbone: bool):
+  return jax.pmap(
+      functools.partial(train_step, flip=config.augment.flip,
+                        rotation=config.augment.rotation,
+                        scale=tuple(config.augment.scale),
+                        label_smoothing=config.train.label_smoothing,
+                        freeze_backbone=freeze_backbone),
+      axis_name=AXIS, devices=devices, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def _log_model(config, state: TrainState, num_classes: int, num_devices: int,
+               num_steps: int) -> None:
+  """Logs the parameter count and XLA's FLOPs per image of the inference forward pass."""
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  variables = jax.eval_shape(lambda: {"params": state.params,
+                                      "batch_stats": state.batch_stats})
+  flops = flops_per_image(create_model(config.model, num_classes), variables,
+                          config.data.image_size)
+  flops_text = "unknown" if flops is None else f"{flops / 1e9:.3f} GFLOPs"
+  log.info("Model %s: %s parameters, %s per %d px image (XLA, multiply-add = 2); "
+           "%d devices; %d steps of %d images.", config.model.name, f"{num_params:,}",
+           flops_text, config.data.image_size, num_devices, num_steps, config.batch_size)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices=None) -> tuple[TrainState, dict]:
   """Trains with validation after every epoch; resumes from the workdir's checkpoint.
@@ -425,13 +466,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
            list(dataset.class_names), len(dataset.train), len(dataset.val),
            len(dataset.skipped))
 
-  model = create_model(config.model, len(dataset.class_names), axis_name=AXIS)
+  source = transfer.load_source(config.init_from) if config.init_from else None
+  if source:
+    config = transfer.adopt_source_model(config, source)
+  model = create_model(config.model, len(dataset.class_names), axis_name=AXIS,
+                       backbone_bn_train=config.optim.freeze != "backbone")
   init_rng, train_rng = jax.random.split(root_key(config.seed))
   state = create_train_state(config, model, init_rng, steps_per_epoch)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("Model %s: %s parameters; %d devices; %d steps of %d images.",
-           config.model.name, f"{num_params:,}", len(devices) * jax.process_count(),
-           num_steps, config.batch_size)
+  _log_model(config, state, len(dataset.class_names), len(devices) * jax.process_count(),
+             num_steps)
 
   mngr = checkpoint.manager(workdir, config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
@@ -444,6 +487,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = meta.get("metrics", {})
     progress.update(meta.get("progress", {}))
     log.info("Resumed from step %d (epoch %s).", int(state.step), meta.get("epoch"))
+  elif source:
+    state = transfer.transplant_backbone(state, source)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
@@ -456,11 +501,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
     return state, {**last, "final_step": start_step, "stop_reason": reason}
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, flip=config.augment.flip,
-                        rotation=config.augment.rotation,
-                        scale=tuple(config.augment.scale)),
-      axis_name=AXIS, devices=devices, in_axes=(0, 0, None), donate_argnums=(0,))
+  p_train_step = _pmap_train_step(config, devices, freeze_backbone=False)
+  # Compiled on first use: the frozen phase backpropagates through the head only.
+  p_frozen_step = _pmap_train_step(config, devices, freeze_backbone=True)
+  frozen_for = optim.frozen_steps(config, steps_per_epoch)
   p_eval_step = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
 
@@ -483,7 +527,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     with _StopSignals() as signals:
       for step in range(start_step, num_steps):
-        replicated, step_metrics = p_train_step(replicated, next(batches), train_rng)
+        if step == frozen_for and step > 0:
+          log.info("Step %d: unfreezing the backbone (learning rate x %g).", step,
+                   config.optim.backbone_lr_mult)
+        step_fn = p_frozen_step if step < frozen_for else p_train_step
+        replicated, step_metrics = step_fn(replicated, next(batches), train_rng)
         pending.append(step_metrics)
         bar.update(1)
         done = step + 1
