@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxcls import config as config_lib
+from jaxcls import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file (configs/*.py); override keys with --config.KEY=VALUE.",
@@ -30,6 +31,8 @@ def main(argv):
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  xla_flags.set_default_xla_flags()  # Before JAX starts a backend.
+  _enable_compilation_cache()
   from jaxcls import train  # Imports JAX only after flags are parsed.
   from jaxcls.data import sources
   from jaxcls.data.preprocess import ImageError
@@ -49,6 +52,21 @@ def main(argv):
   if final.get("epoch"):
     print(f"Done: epoch {final['epoch']}, val accuracy {final['val_accuracy']:.4f}, "
           f"val loss {final['val_loss']:.4f}. Workdir: {_WORKDIR.value}")
+
+
+def _enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache for training, as predict uses it.
+
+  A second run of the same config (a resume, or the same recipe on other data) loads
+  the compiled steps instead of compiling them. JAXCLS_COMPILATION_CACHE picks the
+  folder or turns it off; a JAX_COMPILATION_CACHE_DIR set by the user is left alone.
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  from jaxcls import predict
+  path = predict.resolve_cache_dir()
+  if path:
+    predict.enable_compilation_cache(path)
 
 
 def resume_command() -> str:

@@ -1,0 +1,89 @@
+"""jaxcls against PyTorch eager on this CPU, same model, same run: images/sec and ratio.
+
+    python benchmarks/compare_cpu.py [--rounds 3] [--steps 8] \
+        [--variant NAME='XLA FLAGS' ...] [--jax-arg=--no-augment ...]
+
+Runs, `--rounds` times and interleaved (so a load change on a shared machine hits both
+alike), the jaxcls train step (`python -m jaxcls.step_benchmark --config
+configs/catdog.py --config.model.name=resnet18 --config.batch_size=32`, 128 px, float32,
+SGD momentum 0.9 + weight decay, dropout 0.4) and `benchmarks/torch_resnet18.py`, each
+in a fresh process. Prints one JSON object: every run, the median images/sec of each,
+and jaxcls / PyTorch. `--variant` adds jaxcls runs under other XLA_FLAGS ("" = none;
+"default" = what jaxcls sets by itself), to compare flags in the same interleaving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_CMD = [sys.executable, "-m", "jaxcls.step_benchmark", "--config",
+           os.path.join(ROOT, "configs", "catdog.py"), "--config.model.name=resnet18",
+           "--config.batch_size=32", "--config.data.image_size=128"]
+TORCH_CMD = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_resnet18.py"),
+             "--image-size", "128", "--batch-size", "32"]
+
+
+def _run(cmd: list[str], env: dict) -> dict:
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+  if out.returncode or not lines:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def _env(xla_flags: str | None) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  env.pop("XLA_FLAGS", None)
+  if xla_flags is not None:  # None: jaxcls's own defaults apply.
+    env["XLA_FLAGS"] = xla_flags
+  return env
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--variant", action="append", default=[],
+                      help="NAME=XLA_FLAGS for an extra jaxcls run per round.")
+  parser.add_argument("--jax-arg", action="append", default=[],
+                      help="Extra argument for jaxcls.step_benchmark, e.g. --no-augment.")
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args()
+  steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+  variants = {"jaxcls": None}
+  for item in args.variant:
+    name, _, flags = item.partition("=")
+    variants[name] = None if flags == "default" else flags
+  runs = {name: [] for name in variants}
+  if not args.no_torch:
+    runs["pytorch"] = []
+  for round_index in range(args.rounds):
+    for name, flags in variants.items():
+      result = _run(JAX_CMD + steps + args.jax_arg, _env(flags))
+      runs[name].append(result)
+      print(f"round {round_index} {name}: {result['step_images_per_sec']} img/s "
+            f"({result.get('percent_of_peak')} % of matmul peak)", file=sys.stderr)
+    if not args.no_torch:
+      result = _run(TORCH_CMD + steps, _env(None))
+      runs["pytorch"].append(result)
+      print(f"round {round_index} pytorch: {result['step_images_per_sec']} img/s",
+            file=sys.stderr)
+  medians = {name: statistics.median(r["step_images_per_sec"] for r in rs)
+             for name, rs in runs.items()}
+  summary = {"median_images_per_sec": medians, "rounds": args.rounds,
+             "load_average": os.getloadavg(), "runs": runs}
+  if "pytorch" in medians:
+    summary["ratio_jaxcls_over_pytorch"] = round(medians["jaxcls"] / medians["pytorch"], 3)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

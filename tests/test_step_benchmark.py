@@ -1,0 +1,105 @@
+"""The step benchmark's figures, the default XLA flags and the training compilation cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxcls import step_benchmark, xla_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_load_config_applies_typed_overrides():
+  config = step_benchmark.load_config(
+      os.path.join(ROOT, "configs", "catdog.py"),
+      ["model.name=resnet18", "batch_size=32", "augment.rotation=0", "model.widths=(8,16)"])
+  assert config.model.name == "resnet18"
+  assert config.batch_size == 32
+  assert config.augment.rotation == 0.0 and isinstance(config.augment.rotation, float)
+  assert tuple(config.model.widths) == (8, 16)
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    step_benchmark.load_config(os.path.join(ROOT, "configs", "catdog.py"), ["batch_size"])
+
+
+def test_step_flops_grow_with_pixels(make_config):
+  """FLOPs per image come from XLA's cost analysis of the step: 4x the pixels, ~4x."""
+  small = step_benchmark.measure_train_step(
+      make_config("generated:shapes", **{"data.image_size": 16}), steps=2, warmup=1)
+  large = step_benchmark.measure_train_step(
+      make_config("generated:shapes", **{"data.image_size": 32}), steps=2, warmup=1)
+  assert small["devices"] == 8 and small["batch_size"] == 16
+  assert small["loss_finite"] and large["loss_finite"]
+  assert small["step_images_per_sec"] > 0 and small["compile_s"] > 0
+  ratio = large["step_flops_per_image"] / small["step_flops_per_image"]
+  assert 3.0 < ratio < 4.5, ratio
+  expected = small["step_flops_per_image"] * 16 / (small["step_ms_median"] / 1e3) / 1e9
+  assert small["achieved_gflops"] == pytest.approx(expected, rel=0.05)
+
+
+def test_no_augment_removes_the_resampling_flops(make_config):
+  config = make_config("generated:shapes", **{"augment.rotation": 15.0})
+  on = step_benchmark.measure_train_step(config, steps=1, warmup=0)
+  off = step_benchmark.measure_train_step(config, steps=1, warmup=0, augment=False)
+  assert off["augment"] is False
+  assert off["step_flops_per_image"] < on["step_flops_per_image"]
+  assert config.augment.rotation == 15.0  # The caller's config is not changed.
+
+
+def test_matmul_peak_is_a_positive_rate():
+  result = step_benchmark.matmul_peak(256, repeats=2)
+  assert result["matmul_size"] == 256 and result["matmul_dtype"] == "float32"
+  assert 0.01 < result["matmul_peak_gflops"] < 1e5
+
+
+def test_default_xla_flags_only_on_cpu_and_never_over_the_users(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("JAXCLS_XLA_DEFAULTS", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert xla_flags.set_default_xla_flags(("--xla_a=1", "--xla_b=2")) == "--xla_a=1 --xla_b=2"
+  assert os.environ["XLA_FLAGS"] == "--xla_a=1 --xla_b=2"
+  monkeypatch.setenv("XLA_FLAGS", "--mine")
+  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
+  assert os.environ["XLA_FLAGS"] == "--mine"
+  monkeypatch.delenv("XLA_FLAGS")
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("JAXCLS_XLA_DEFAULTS", "off")
+  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
+  assert "XLA_FLAGS" not in os.environ
+
+
+def test_training_cli_fills_the_compilation_cache(tmp_path, shapes_dir):
+  """A training run through the CLI writes its compiled programs to the cache folder."""
+  cache = tmp_path / "cache"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
+  env.update(JAXCLS_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "run_train.py"), "--config",
+       os.path.join(ROOT, "configs/demo.py"), "--workdir", str(tmp_path / "w"),
+       f"--config.data.source=folder:{shapes_dir}", "--config.data.image_size=16",
+       "--config.model.widths=(4,)", "--config.num_epochs=1", "--config.batch_size=32",
+       "--config.train.log_images=0", "--config.train.progress_bar=False"],
+      capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(list(cache.iterdir())) >= 3  # init, train step, eval step at least.
+
+
+def test_cli_prints_json(capsys, make_config, tmp_path):
+  recipe = tmp_path / "recipe.py"
+  recipe.write_text("from jaxcls.config import base_config\n"
+                    "def get_config():\n"
+                    "  c = base_config()\n"
+                    "  c.data.image_size = 16\n"
+                    "  c.model.widths = (4,)\n"
+                    "  c.batch_size = 8\n"
+                    "  return c\n")
+  result = step_benchmark.main(["--config", str(recipe), "--steps", "1", "--warmup", "0",
+                                "--matmul-size", "128", "--config.model.dropout=0.0"])
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["step_images_per_sec"] == result["step_images_per_sec"] > 0
+  assert printed["percent_of_peak"] == pytest.approx(
+      100 * printed["achieved_gflops"] / printed["matmul_peak_gflops"], abs=0.2)
