@@ -81,9 +81,9 @@ def measure(steps: int = 10, warmup: int = 2, image_size: int = 128,
   images = torch.randint(0, 256, (batch_size, 3, image_size, image_size)).float()
   images = images.contiguous(memory_format=torch.channels_last)
   labels = torch.randint(0, 2, (batch_size,))
-  times = []
+  times, cpu_times = [], []
   for i in range(warmup + steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(images), labels)
     loss.backward()
@@ -91,11 +91,13 @@ def measure(steps: int = 10, warmup: int = 2, image_size: int = 128,
     loss_value = loss.item()  # Synchronizes, as jaxcls's timing does.
     if i >= warmup:
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
   step_s = statistics.median(times)
   return {"framework": "pytorch-eager", "torch_version": torch.__version__,
           "model": "resnet18", "image_size": image_size, "batch_size": batch_size,
           "threads": torch.get_num_threads(), "steps_timed": steps,
           "step_ms_median": round(step_s * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
+          "step_cpu_s_median": round(statistics.median(cpu_times), 3),
           "step_images_per_sec": round(batch_size / step_s, 2),
           "loss_finite": bool(torch.isfinite(torch.tensor(loss_value)))}
 

@@ -133,13 +133,14 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   compile_s = time.perf_counter() - start
   flops = _step_flops(compiled)
   per_device = config.batch_size // len(devices)
-  times = []
+  times, cpu_times = [], []
   for i in range(warmup + steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch, step_rng)
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
   step_s = statistics.median(times)
   images_per_sec = config.batch_size / step_s
   result = {
@@ -149,6 +150,9 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
       "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
       "steps_timed": steps, "step_ms_median": round(step_s * 1e3, 2),
       "step_ms_min": round(min(times) * 1e3, 2),
+      # CPU seconds of this process per step (all threads): on a machine shared with
+      # other jobs, less sensitive to their load than the wall-clock figures.
+      "step_cpu_s_median": round(statistics.median(cpu_times), 3),
       "step_images_per_sec": round(images_per_sec, 2),
       "step_flops_per_image": None if flops is None else flops / per_device,
       "achieved_gflops": None,
