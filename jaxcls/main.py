@@ -18,6 +18,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-host: run the same command on every host (see the README's multi-host section).
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start JAX's distributed runtime: auto = when the flags below are given or the "
+    "environment is a multi-process SLURM/MPI job or TPU slice; on = always (JAX "
+    "auto-detects what is not given, e.g. on a Compute Engine TPU slice); off = never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..N-1.")
 
 
 def main(argv):
@@ -27,15 +37,25 @@ def main(argv):
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from jaxcls import train  # Imports JAX only after flags are parsed.
+  from jaxcls import distributed  # Imports JAX only after flags are parsed.
+  from jaxcls import train
   from jaxcls.data import sources
   from jaxcls.data.preprocess import ImageError
   try:
-    _, final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, sources.DataError, train.WorkdirError, ImageError) as e:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if final:
+  if not distributed.is_main_process():
+    logging.getLogger("jaxcls").setLevel(logging.WARNING)  # Process 0 tells the story.
+  try:
+    _, final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, sources.DataError, train.WorkdirError, ImageError,
+          distributed.DistributedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if final and distributed.is_main_process():
     print(f"Done: epoch {final['epoch']}, val accuracy {final['val_accuracy']:.4f}, "
           f"val loss {final['val_loss']:.4f}. Workdir: {_WORKDIR.value}")
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxcls import checkpoint
 from jaxcls import config as config_lib
+from jaxcls import distributed
 from jaxcls import metrics as metrics_lib
 from jaxcls import optim
 from jaxcls.data import augment, loader, sources
@@ -117,9 +118,10 @@ def evaluate(state: TrainState, source, config: ml_collections.ConfigDict,
              devices=None) -> dict:
   """Loss and accuracy over every example of `source` (exact: padding is masked)."""
   devices = devices or jax.local_devices()
-  p_eval_step = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
-  return _evaluate(p_eval_step, flax.jax_utils.replicate(state, devices), source,
-                   config, devices)
+  p_eval_step = jax.pmap(eval_step, axis_name=AXIS,
+                         devices=distributed.pmap_devices(devices))
+  replicated = flax.jax_utils.replicate(state, devices, axis_name=AXIS)
+  return _evaluate(p_eval_step, replicated, source, config, devices)
 
 
 def _workers(config) -> int:
@@ -146,6 +148,11 @@ def _check_devices(config, devices) -> None:
         f"batch_size={config.batch_size} does not divide by the {total} devices in use. "
         f"Use a multiple of {total}, e.g. --config.batch_size={max(lower, total)} "
         f"or {lower + total}.")
+
+
+def _dataset_fingerprint(dataset: sources.Dataset) -> bytes:
+  return json.dumps([dataset.train.paths, dataset.train.labels, dataset.val.paths,
+                     dataset.val.labels, dataset.class_names]).encode()
 
 
 def _check_resume_compatible(saved_config: dict, config, saved_classes, classes) -> None:
@@ -181,7 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = _prepare_workdir(workdir)
   is_main = jax.process_index() == 0
 
-  dataset = sources.build_dataset(config.data, config.seed, workdir, _workers(config))
+  # Process 0 first: it draws generated data and writes the caches the others then read.
+  dataset = distributed.on_main_process_first(lambda: sources.build_dataset(
+      config.data, config.seed, workdir, _workers(config)))
+  distributed.check_same_everywhere(
+      _dataset_fingerprint(dataset), "The processes see different data sets (their file "
+      "lists differ). Give every host the same data.source, e.g. on a shared file system.")
   steps_per_epoch = len(dataset.train) // config.batch_size
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(
@@ -222,8 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       functools.partial(train_step, flip=config.augment.flip,
                         rotation=config.augment.rotation,
                         scale=tuple(config.augment.scale)),
-      axis_name=AXIS, devices=devices, in_axes=(0, 0, None), donate_argnums=(0,))
-  p_eval_step = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+      axis_name=AXIS, devices=distributed.pmap_devices(devices), in_axes=(0, 0, None),
+      donate_argnums=(0,))
+  p_eval_step = jax.pmap(eval_step, axis_name=AXIS,
+                         devices=distributed.pmap_devices(devices))
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
 
   batches = loader.prefetch_to_devices(loader.train_batches(
@@ -232,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workers=_workers(config), process_index=jax.process_index(),
       process_count=jax.process_count()), devices)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  replicated = flax.jax_utils.replicate(state, devices)
+  # Replicated on a mesh named like pmap's outputs, so step 2 reuses step 1's program.
+  replicated = flax.jax_utils.replicate(state, devices, axis_name=AXIS)
   bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (config.train.progress_bar and is_main))
   pending, epoch_rows = [], []
