@@ -1,4 +1,4 @@
-"""Offline demo: circles vs squares drawn on the fly, trained on a laptop CPU.
+"""Offline demo: discs vs stripes drawn on the fly, trained on a laptop CPU.
 
     python run_train.py --config configs/demo.py --workdir /tmp/demo
 

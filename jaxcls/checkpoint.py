@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -86,8 +85,8 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   multi = jax.process_count() > 1
 
   def abstract(x):
-    if not hasattr(x, "shape"):  # TrainState.create starts with step=0, a Python int.
-      x = jnp.asarray(x)
+    if not hasattr(x, "shape"):  # A Python scalar, such as a fresh state's step.
+      x = np.asarray(x)
     if multi:
       sharding = _replicated_everywhere()
     else:

@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.log_every_steps = 50
   c.train.progress_bar = True
+  c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3
@@ -139,6 +140,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(c.optim.warmup_epochs >= 0, "optim.warmup_epochs", "it must be >= 0")
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "use 1 or more")
+  need(c.train.log_images >= 0, "train.log_images", "use 0 (none) or a positive count")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

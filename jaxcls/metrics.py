@@ -7,8 +7,11 @@ TensorFlow: `tensorboard --logdir WORKDIR/tensorboard`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
+
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -44,6 +47,11 @@ class MetricWriter:
           self._tb.add_scalar(f"{split}/{key}", value, int(step))
     return row
 
+  def write_images(self, step: int, tag: str, images: np.ndarray) -> None:
+    """Shows images [N, H, W, 3] (values in [0, 255]) in TensorBoard as one grid."""
+    if self._tb is not None:
+      self._tb.add_image(tag, image_grid(images), int(step), dataformats="HWC")
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
@@ -59,3 +67,26 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles images [N, H, W, C] into one uint8 [rows·(H+pad)+pad, ..., C] picture.
+
+  Values are rounded and clipped to [0, 255]: TensorBoard reads uint8 as pixel values
+  (a float picture would be taken as [0, 1]). Gaps between tiles are black.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"image_grid needs images [N, H, W, C] with N >= 1, got shape "
+                     f"{images.shape}.")
+  count, height, width, channels = images.shape
+  columns = columns or math.ceil(math.sqrt(count))
+  rows = math.ceil(count / columns)
+  grid = np.zeros((rows * (height + pad) + pad, columns * (width + pad) + pad, channels),
+                  np.uint8)
+  tiles = np.clip(np.rint(images.astype(np.float32)), 0, 255).astype(np.uint8)
+  for i, tile in enumerate(tiles):
+    top = pad + (i // columns) * (height + pad)
+    left = pad + (i % columns) * (width + pad)
+    grid[top:top + height, left:left + width] = tile
+  return grid

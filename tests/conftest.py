@@ -5,6 +5,12 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny programs: JAX's persistent cache compiles each once,
+# also across the subprocesses that tests start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcls-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -14,7 +20,7 @@ from jaxcls.data import sources  # noqa: E402
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-  """A two-class image folder (circle/, square/) of 32 px JPEGs and PNGs, 60 per class."""
+  """A two-class image folder (disc/, stripes/) of 32 px JPEGs and PNGs, 60 per class."""
   root = str(tmp_path_factory.mktemp("shapes"))
   sources.draw_shapes(root, per_class=60, seed=0, size=32)
   return root
@@ -33,6 +39,7 @@ def tiny_config(source: str, **overrides):
   config.optim.learning_rate = 0.02
   config.train.log_every_steps = 2
   config.train.progress_bar = False
+  config.train.log_images = 0  # The TensorBoard image grid costs a compile per run.
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
@@ -45,3 +52,14 @@ def tiny_config(source: str, **overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def predict_workdir(tmp_path_factory, shapes_dir):
+  """A workdir with a tiny-model checkpoint (random weights, no training: seconds, not
+  a minute) for the shapes_dir classes."""
+  from jaxcls.predict_benchmark import write_random_workdir
+  workdir = str(tmp_path_factory.mktemp("predict_workdir"))
+  write_random_workdir(workdir, tiny_config(f"folder:{shapes_dir}"), ("disc", "stripes"),
+                       step=6)
+  return workdir

@@ -88,6 +88,31 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
+def _unidentified_reason(src: ImageInput) -> str:
+  """Why Pillow could not open `src`. Pillow says only "cannot identify image file", also
+  for a format it knows but cannot read (a TIFF in a pixel mode it lacks, say); asking
+  the plugins whose signature matches recovers their reason."""
+  unknown = "not an image file Pillow can identify"
+  try:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+      data = bytes(src)
+    else:
+      with open(os.fspath(src), "rb") as f:
+        data = f.read()
+  except (OSError, TypeError):
+    return unknown
+  Image.init()
+  for fmt, (factory, accept) in Image.OPEN.items():
+    matches = accept(data[:16]) if accept else False
+    if not matches or isinstance(matches, str):
+      continue
+    try:
+      factory(io.BytesIO(data), "")
+    except (SyntaxError, IndexError, TypeError, ValueError, OSError, EOFError) as e:
+      return f"a {fmt} file Pillow cannot open: {e or type(e).__name__}"
+  return unknown
+
+
 def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
   """Decodes fully (errors surface here, not later), upright and in RGB."""
   name = _describe(src)
@@ -118,7 +143,7 @@ def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
   except PermissionError:
     raise ImageError(name, "permission denied") from None
   except Image.UnidentifiedImageError:
-    raise ImageError(name, "not an image file Pillow can identify") from None
+    raise ImageError(name, _unidentified_reason(src)) from None
   except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as e:
     raise ImageError(name, f"cannot decode: {e}") from None
 

@@ -21,7 +21,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from jaxcls.data import preprocess
 
@@ -153,31 +153,35 @@ def verify_files(root: str, paths: Sequence[str], image_size: int, workdir: str 
 
 
 def draw_shapes(root: str, per_class: int, seed: int, size: int = 64) -> None:
-  """Writes a two-class folder: `circle/` and `square/`, as JPEG and PNG.
+  """Writes a two-class folder, `disc/` and `stripes/`, as JPEG and PNG files.
 
-  Colours, sizes, positions and noise are random, so the classes differ only in shape.
+  A disc is a filled circle; stripes are a square patch of parallel bars. Colours,
+  sizes, positions, stripe direction and pixel noise are random, so the classes differ
+  only in shape and texture.
   """
   rng = np.random.default_rng(seed)
-  for name in ("circle", "square"):
+  for name in ("disc", "stripes"):
     os.makedirs(os.path.join(root, name), exist_ok=True)
     for i in range(per_class):
-      background = tuple(int(v) for v in rng.integers(0, 256, 3))
-      color = tuple(int(v) for v in rng.integers(0, 256, 3))
-      while sum(abs(a - b) for a, b in zip(color, background)) < 150:
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-      img = Image.new("RGB", (size, size), background)
-      draw = ImageDraw.Draw(img)
-      half = rng.uniform(0.18, 0.32) * size
-      cx, cy = rng.uniform(half + 2, size - half - 2, 2)
-      box = (cx - half, cy - half, cx + half, cy + half)
-      if name == "circle":
-        draw.ellipse(box, fill=color)
+      background = rng.integers(0, 256, 3)
+      color = rng.integers(0, 256, 3)
+      while np.abs(color - background).sum() < 200:
+        color = rng.integers(0, 256, 3)
+      half = rng.uniform(0.2, 0.35) * size
+      cy, cx = rng.uniform(half + 1, size - half - 1, 2)
+      ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+      if name == "disc":
+        inside = (ys - cy) ** 2 + (xs - cx) ** 2 <= half ** 2
       else:
-        draw.rectangle(box, fill=color)
-      noise = rng.normal(0, 12, (size, size, 3))
-      pixels = np.clip(np.asarray(img, np.float64) + noise, 0, 255).astype(np.uint8)
+        period = max(4.0, size / 8)
+        along = xs if rng.random() < 0.5 else ys
+        inside = ((np.abs(ys - cy) <= half) & (np.abs(xs - cx) <= half)
+                  & ((along // (period / 2)) % 2 == 0))
+      pixels = np.where(inside[..., None], color, background).astype(np.float64)
+      pixels += rng.normal(0, 10, pixels.shape)
+      image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
       ext = "jpg" if i % 2 == 0 else "png"
-      Image.fromarray(pixels).save(os.path.join(root, name, f"{name}_{i:04d}.{ext}"))
+      image.save(os.path.join(root, name, f"{name}_{i:04d}.{ext}"))
 
 
 def _folder_for(spec: str, data_config, workdir: str | None, seed: int) -> str:

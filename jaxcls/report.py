@@ -1,0 +1,535 @@
+"""What the model learned: curves, confusion matrix, per-class scores, top losses, calibration.
+
+    python -m jaxcls.report --workdir DIR [--step N] [--top-k 24] [--bins 10]
+
+writes `DIR/report/` (or `--out`) and prints its path:
+
+- `curves.png`: loss and accuracy per epoch (train vs validation) and the learning rate;
+- `confusion_matrix.png`: counts and row-normalised rates on the validation set;
+- `per_class.csv`: precision, recall, F1 and support per class (also printed and in HTML);
+- `top_losses.png` and `top_losses/`: the validation images the model is most
+  confidently wrong about, with path, true class, predicted class and probability;
+- `reliability.png`: the reliability diagram, titled with the expected calibration error;
+- `report.json`: every number above, for scripts;
+- `index.html`: all of it on one page; images are referenced relatively, so the folder
+  reads offline and can be copied elsewhere whole.
+
+The evaluation is training's own: the checkpoint is loaded with
+`Predictor.from_workdir`, the validation split is rebuilt from the checkpoint's config
+with `sources.build_dataset`, batches come from `loader.eval_batches` (the same
+preprocessing, padding and masking) and go through `train.eval_outputs`, the function
+whose sums are the validation metrics in `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import html
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcls import checkpoint
+from jaxcls import config as config_lib
+from jaxcls import metrics as metrics_lib
+from jaxcls import train
+from jaxcls.data import loader, preprocess, sources
+from jaxcls.predict import Predictor
+
+REPORT_DIR = "report"
+THUMBNAIL_SIZE = 160  # Longest side, in pixels, of a top-losses picture.
+ANNOTATE_MAX_CLASSES = 25  # Above this, confusion cells carry no numbers.
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Per-example results on a split, in the split's order."""
+  root: str
+  paths: tuple[str, ...]  # Relative to root.
+  class_names: tuple[str, ...]
+  labels: np.ndarray  # int [N]
+  logits: np.ndarray  # float32 [N, C]
+  losses: np.ndarray  # float32 [N]
+
+  @property
+  def probabilities(self) -> np.ndarray:
+    shifted = self.logits - self.logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+  @property
+  def predictions(self) -> np.ndarray:
+    return np.argmax(self.logits, axis=-1)
+
+  @property
+  def accuracy(self) -> float:
+    return float(np.mean(self.predictions == self.labels))
+
+  @property
+  def loss(self) -> float:
+    return float(np.mean(self.losses))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _eval_outputs(variables: dict, images, labels, *, model):
+  # The model is static (hashable, equal when rebuilt): one compile per model and shape.
+  return train.eval_outputs(model.apply, variables, {"image": images, "label": labels})
+
+
+def evaluate_examples(variables: dict, model, source, class_names: Sequence[str], *,
+                      batch_size: int, image_size: int, workers: int = 1,
+                      progress: bool = True) -> Evaluation:
+  """Logits and losses of every example of `source`, computed as evaluation does.
+
+  Batches come from `loader.eval_batches` and go through `train.eval_outputs`; padding
+  rows are dropped. One device and one jit: no collectives are needed per example.
+  """
+  batches = loader.eval_batches(source, batch_size=batch_size, image_size=image_size,
+                                workers=workers)
+  logits, losses, labels = [], [], []
+  total = -(-len(source) // batch_size)
+  for batch in tqdm(batches, total=total, unit="batch", desc="evaluating",
+                    disable=not progress, dynamic_ncols=True):
+    batch_logits, batch_losses = jax.device_get(
+        _eval_outputs(variables, batch["image"], batch["label"], model=model))
+    keep = batch["mask"]
+    logits.append(np.asarray(batch_logits)[keep])
+    losses.append(np.asarray(batch_losses)[keep])
+    labels.append(batch["label"][keep])
+  result = Evaluation(source.root, tuple(source.paths), tuple(class_names),
+                      np.concatenate(labels), np.concatenate(logits).astype(np.float32),
+                      np.concatenate(losses).astype(np.float32))
+  if len(result.labels) != len(source) or np.any(result.labels != np.asarray(source.labels)):
+    raise RuntimeError(f"Evaluation returned {len(result.labels)} examples for a split of "
+                       f"{len(source)}, or in another order; the loader's contract broke.")
+  return result
+
+
+# --- Numbers -------------------------------------------------------------------------
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """Counts [C, C]: row = true class, column = predicted class."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+  return matrix
+
+
+def row_normalise(matrix: np.ndarray) -> np.ndarray:
+  """Each row divided by its sum (the recall of each class on the diagonal); empty rows 0."""
+  sums = matrix.sum(axis=1, keepdims=True)
+  return np.divide(matrix, sums, out=np.zeros(matrix.shape, np.float64), where=sums > 0)
+
+
+def per_class_scores(matrix: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+  """Precision, recall, F1 and support per class, then macro and weighted averages.
+
+  A ratio with nothing to divide by (a class never predicted, or never present) is 0,
+  as scikit-learn reports it.
+  """
+  matrix = np.asarray(matrix, np.float64)
+  true_positive = np.diag(matrix)
+  predicted = matrix.sum(axis=0)
+  support = matrix.sum(axis=1)
+
+  def ratio(a, b):
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+  precision = ratio(true_positive, predicted)
+  recall = ratio(true_positive, support)
+  f1 = ratio(2 * precision * recall, precision + recall)
+  rows = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
+           "support": int(s)}
+          for name, p, r, f, s in zip(class_names, precision, recall, f1, support)]
+  weights = support / max(support.sum(), 1)
+  for name, average in (("macro avg", np.mean), ("weighted avg", None)):
+    values = {k: (float(np.sum(v * weights)) if average is None else float(average(v)))
+              for k, v in (("precision", precision), ("recall", recall), ("f1", f1))}
+    rows.append({"class": name, **values, "support": int(support.sum())})
+  return rows
+
+
+def top_losses(evaluation: Evaluation, k: int) -> list[dict]:
+  """The `k` misclassified examples with the highest loss, highest first.
+
+  The loss is -log p(true class), so these are the images the model is most
+  confidently wrong about: the first place to look for wrong labels.
+  """
+  predictions = evaluation.predictions
+  probabilities = evaluation.probabilities
+  wrong = np.flatnonzero(predictions != evaluation.labels)
+  order = wrong[np.argsort(-evaluation.losses[wrong], kind="stable")][:k]
+  names = evaluation.class_names
+  return [{"index": int(i), "path": evaluation.paths[i],
+           "file": os.path.join(evaluation.root, evaluation.paths[i]),
+           "true": names[evaluation.labels[i]], "predicted": names[predictions[i]],
+           "probability": float(probabilities[i, predictions[i]]),
+           "true_probability": float(probabilities[i, evaluation.labels[i]]),
+           "loss": float(evaluation.losses[i])} for i in order]
+
+
+def calibration(confidences: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+  """Reliability per confidence bin and the expected calibration error (ECE).
+
+  Bins are equal-width over (0, 1]; bin b holds confidences in (b/bins, (b+1)/bins]
+  (a confidence of exactly 0 goes to the first). ECE = Σ_b (n_b / N)·|acc_b − conf_b|,
+  where acc_b is the fraction correct and conf_b the mean confidence in bin b.
+  """
+  confidences = np.asarray(confidences, np.float64)
+  correct = np.asarray(correct, np.float64)
+  if confidences.shape != correct.shape or confidences.ndim != 1 or not len(confidences):
+    raise ValueError(f"calibration needs two equal-length non-empty vectors, got shapes "
+                     f"{confidences.shape} and {correct.shape}.")
+  if bins < 1:
+    raise ValueError(f"bins={bins}; use 1 or more.")
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  index = np.clip(np.searchsorted(edges, confidences, side="left") - 1, 0, bins - 1)
+  counts = np.bincount(index, minlength=bins)
+  safe = np.maximum(counts, 1)
+  accuracy = np.bincount(index, weights=correct, minlength=bins) / safe
+  confidence = np.bincount(index, weights=confidences, minlength=bins) / safe
+  ece = float(np.sum(counts / len(confidences) * np.abs(accuracy - confidence)))
+  return {"ece": ece, "edges": edges.tolist(), "counts": counts.tolist(),
+          "accuracy": accuracy.tolist(), "confidence": confidence.tolist()}
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
+                               bins: int = 10) -> float:
+  """ECE of top-1 predictions: see `calibration`."""
+  probabilities = np.asarray(probabilities)
+  correct = np.argmax(probabilities, axis=-1) == np.asarray(labels)
+  return calibration(probabilities.max(axis=-1), correct, bins)["ece"]
+
+
+def epoch_curves(rows: list[dict]) -> dict:
+  """Per-epoch train and validation loss/accuracy, and the learning rate per step.
+
+  Rows are `metrics.jsonl` rows; a step logged twice (a resumed run redoing steps) keeps
+  its last row. Each train row is the mean over the steps since the previous one, so the
+  epoch's value weights rows by those step counts: the mean over the epoch's steps.
+  """
+  latest = {(r["split"], r["step"]): r for r in rows}
+  train_rows = sorted((r for (s, _), r in latest.items() if s == "train"),
+                      key=lambda r: r["step"])
+  val_rows = sorted((r for (s, _), r in latest.items() if s == "val"),
+                    key=lambda r: r["step"])
+  sums: dict[int, dict] = {}
+  previous = 0
+  for row in train_rows:
+    weight = row["step"] - previous
+    previous = row["step"]
+    total = sums.setdefault(row.get("epoch", 0), {"loss": 0.0, "accuracy": 0.0, "n": 0})
+    total["loss"] += weight * row["loss"]
+    total["accuracy"] += weight * row["accuracy"]
+    total["n"] += weight
+  epochs = sorted(sums)
+  return {
+      "train_epoch": epochs,
+      "train_loss": [sums[e]["loss"] / sums[e]["n"] for e in epochs],
+      "train_accuracy": [sums[e]["accuracy"] / sums[e]["n"] for e in epochs],
+      "val_epoch": [r.get("epoch", 0) for r in val_rows],
+      "val_step": [r["step"] for r in val_rows],
+      "val_loss": [r["loss"] for r in val_rows],
+      "val_accuracy": [r["accuracy"] for r in val_rows],
+      "lr_step": [r["step"] for r in train_rows if "learning_rate" in r],
+      "learning_rate": [r["learning_rate"] for r in train_rows if "learning_rate" in r],
+  }
+
+
+# --- Figures (matplotlib's Agg renderer through Figure: no pyplot, no global state) ---
+
+
+def _figure(width: float, height: float):
+  from matplotlib.figure import Figure  # Imported here: training never needs it.
+  return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_curves(curves: dict, path: str) -> None:
+  fig = _figure(13, 3.8)
+  loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+  for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+    ax.plot(curves["train_epoch"], curves[f"train_{key}"], "o-", label="train")
+    ax.plot(curves["val_epoch"], curves[f"val_{key}"], "s-", label="validation")
+    ax.set(xlabel="epoch", ylabel=key, title=key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  lr_ax.plot(curves["lr_step"], curves["learning_rate"], ".-")
+  lr_ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+  lr_ax.grid(alpha=0.3)
+  fig.savefig(path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str) -> None:
+  size = max(4.0, 0.45 * len(class_names) + 2.5)
+  fig = _figure(2 * size + 1, size)
+  annotate = len(class_names) <= ANNOTATE_MAX_CLASSES
+  for ax, values, title, fmt in zip(
+      fig.subplots(1, 2), (matrix, row_normalise(matrix)),
+      ("counts", "row-normalised (recall on the diagonal)"), ("{:d}", "{:.2f}")):
+    image = ax.imshow(values, cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=90 if len(class_names) > 6 else 0)
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if annotate:
+      top = values.max() or 1
+      for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, fmt.format(value.item()), ha="center", va="center", fontsize=8,
+                color="white" if value > top / 2 else "black")
+  fig.savefig(path)
+
+
+def plot_reliability(cal: dict, path: str) -> None:
+  fig = _figure(5.5, 6.5)
+  top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+  edges = np.asarray(cal["edges"])
+  centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+  filled = np.asarray(cal["counts"]) > 0
+  top.bar(centers[filled], np.asarray(cal["accuracy"])[filled], width=width[filled],
+          edgecolor="black", label="accuracy")
+  top.plot(np.asarray(cal["confidence"])[filled], np.asarray(cal["accuracy"])[filled],
+           "o", color="tab:red", label="mean confidence")
+  top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+  top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+          title=f"reliability: ECE = {cal['ece']:.4f}")
+  top.legend(loc="upper left")
+  bottom.bar(centers, cal["counts"], width=width, edgecolor="black", color="tab:gray")
+  bottom.set(xlabel="confidence (top-1 probability)", ylabel="images")
+  fig.savefig(path)
+
+
+def save_thumbnail(source_path: str, out_path: str) -> None:
+  """The original file, upright and at most THUMBNAIL_SIZE px, as PNG."""
+  from PIL import Image
+  img = preprocess.decode(source_path, draft_size=THUMBNAIL_SIZE)
+  img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
+  img.save(out_path)
+
+
+def plot_top_losses(items: list[dict], thumbnails: list[str], path: str,
+                    columns: int = 6) -> None:
+  from PIL import Image
+  rows = max(1, -(-len(items) // columns))
+  fig = _figure(2.3 * columns, 2.8 * rows)
+  axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+  for ax in axes:
+    ax.axis("off")
+  for ax, item, thumb in zip(axes, items, thumbnails):
+    with Image.open(thumb) as img:
+      ax.imshow(np.asarray(img.convert("RGB")))
+    name = os.path.basename(item["path"])
+    name = name if len(name) <= 26 else "…" + name[-25:]
+    ax.set_title(f"{name}\ntrue {item['true']}\npred {item['predicted']} "
+                 f"({item['probability']:.2f})", fontsize=8)
+  if not items:
+    axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+  fig.savefig(path)
+
+
+# --- Text and HTML ------------------------------------------------------------------
+
+
+def format_table(scores: list[dict]) -> str:
+  width = max(12, *(len(r["class"]) for r in scores))
+  lines = [f"{'class':>{width}}  precision  recall      f1  support"]
+  for r in scores:
+    lines.append(f"{r['class']:>{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  "
+                 f"{r['f1']:6.4f}  {r['support']:7d}")
+  return "\n".join(lines)
+
+
+_STYLE = """body{font-family:sans-serif;max-width:1300px;margin:2em auto;padding:0 1em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;width:180px}
+.gallery img{width:160px}.gallery figcaption{font-size:12px;word-break:break-all}"""
+
+
+def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
+  e = html.escape
+  recorded = summary.get("recorded_accuracy")
+  facts = [("workdir", summary["workdir"]), ("checkpoint step", summary["step"]),
+           ("epoch", summary.get("epoch")), ("classes", ", ".join(summary["class_names"])),
+           ("validation images", summary["count"]),
+           ("accuracy", f"{summary['accuracy']:.4f}"), ("loss", f"{summary['loss']:.4f}"),
+           ("data (top-loss paths are relative to it)", summary["data_root"]),
+           ("accuracy recorded in metrics.jsonl", "none" if recorded is None
+            else f"{recorded:.4f}"),
+           ("expected calibration error", f"{summary['ece']:.4f} "
+            f"({summary['bins']} bins)")]
+  parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>jaxcls report: "
+           f"{e(summary['workdir'])}</title><style>{_STYLE}</style></head><body>",
+           "<h1>What the model learned</h1><table>"]
+  parts += [f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in facts]
+  parts.append("</table>")
+  if summary["files"].get("curves"):
+    parts.append("<h2>Training curves</h2><img src='curves.png' alt='training curves'>")
+  parts.append("<h2>Confusion matrix (validation)</h2>"
+               "<img src='confusion_matrix.png' alt='confusion matrix'>")
+  parts.append("<h2>Per-class scores</h2><table><tr><th>class</th><th>precision</th>"
+               "<th>recall</th><th>F1</th><th>support</th></tr>")
+  parts += [f"<tr><td>{e(r['class'])}</td><td>{r['precision']:.4f}</td>"
+            f"<td>{r['recall']:.4f}</td><td>{r['f1']:.4f}</td><td>{r['support']}</td></tr>"
+            for r in scores]
+  parts.append("</table>")
+  parts.append(f"<h2>Calibration</h2><p>Expected calibration error: "
+               f"<b>{summary['ece']:.4f}</b> (the gap between confidence and accuracy, "
+               f"averaged over {summary['bins']} confidence bins, weighted by images).</p>"
+               "<img src='reliability.png' alt='reliability diagram'>")
+  parts.append(f"<h2>Top losses</h2><p>The {len(top)} misclassified validation images "
+               "with the highest loss (most confidently wrong), highest first. Wrong "
+               "labels show up here.</p><div class='gallery'>")
+  for rank, item in enumerate(top):
+    parts.append(
+        f"<figure><img src='top_losses/{rank:03d}.png' alt='{e(item['path'])}'>"
+        f"<figcaption><b title='{e(item['file'])}'>{e(item['path'])}</b><br>true: {e(item['true'])}<br>"
+        f"predicted: {e(item['predicted'])} ({item['probability']:.3f})<br>"
+        f"loss: {item['loss']:.3f}</figcaption></figure>")
+  if not top:
+    parts.append("<p>No validation image is misclassified.</p>")
+  parts.append("</div></body></html>")
+  return "\n".join(parts)
+
+
+# --- The report ---------------------------------------------------------------------
+
+
+def _recorded_val(rows: list[dict], step: int) -> dict | None:
+  found = [r for r in rows if r.get("split") == "val" and r.get("step") == step]
+  return found[-1] if found else None
+
+
+def load_validation(workdir: str, step: int | None = None,
+                    progress: bool = True) -> tuple[Evaluation, dict]:
+  """Evaluates a checkpoint (the Predictor's default, or `step`) on its validation split.
+
+  Returns the per-example Evaluation and the checkpoint's metadata.
+  """
+  predictor = Predictor.from_workdir(workdir, step=step)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  meta = checkpoint.restore_meta(mngr, predictor.step)
+  mngr.close()
+  config = config_lib.from_dict(meta["config"])
+  workers = config.data.workers or os.cpu_count() or 1
+  dataset = sources.build_dataset(config.data, config.seed, workdir, workers)
+  if tuple(dataset.class_names) != tuple(predictor.class_names):
+    raise sources.DataError(
+        f"The checkpoint was trained on classes {list(predictor.class_names)}, but "
+        f"{config.data.source} now has {list(dataset.class_names)}. Restore the data "
+        "as it was for training.")
+  evaluation = evaluate_examples(
+      predictor.variables, predictor.model, dataset.val, predictor.class_names,
+      batch_size=config.batch_size, image_size=config.data.image_size, workers=workers,
+      progress=progress)
+  return evaluation, {**meta, "step": predictor.step}
+
+
+def build_report(workdir: str, step: int | None = None, out_dir: str | None = None, *,
+                 top_k: int = 24, bins: int = 10, progress: bool = True) -> dict:
+  """Writes the report folder; returns its summary (also saved as report.json)."""
+  workdir = os.path.abspath(workdir)
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, REPORT_DIR))
+  gallery = os.path.join(out_dir, "top_losses")
+  os.makedirs(gallery, exist_ok=True)
+  for name in os.listdir(gallery):  # An earlier report's pictures would linger.
+    if name.endswith(".png") and name[:-4].isdigit():
+      os.remove(os.path.join(gallery, name))
+  evaluation, meta = load_validation(workdir, step, progress)
+  names = evaluation.class_names
+  matrix = confusion_matrix(evaluation.labels, evaluation.predictions, len(names))
+  scores = per_class_scores(matrix, names)
+  probabilities = evaluation.probabilities
+  cal = calibration(probabilities.max(axis=-1),
+                    evaluation.predictions == evaluation.labels, bins)
+  top = top_losses(evaluation, top_k)
+  rows = metrics_lib.read_metrics(workdir)
+  recorded = _recorded_val(rows, meta["step"])
+
+  files = {"confusion_matrix": "confusion_matrix.png", "per_class": "per_class.csv",
+           "reliability": "reliability.png", "top_losses": "top_losses.png",
+           "summary": "report.json", "html": "index.html"}
+  if rows:
+    files["curves"] = "curves.png"
+    plot_curves(epoch_curves(rows), os.path.join(out_dir, files["curves"]))
+  plot_confusion(matrix, names, os.path.join(out_dir, files["confusion_matrix"]))
+  plot_reliability(cal, os.path.join(out_dir, files["reliability"]))
+  thumbnails = [os.path.join(gallery, f"{rank:03d}.png")
+                for rank in range(len(top))]
+  for item, thumb in zip(top, thumbnails):
+    save_thumbnail(os.path.join(evaluation.root, item["path"]), thumb)
+  plot_top_losses(top, thumbnails, os.path.join(out_dir, files["top_losses"]))
+  with open(os.path.join(out_dir, files["per_class"]), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+    writer.writeheader()
+    writer.writerows(scores)
+
+  summary = {
+      "workdir": workdir, "report_dir": out_dir, "data_root": evaluation.root,
+      "step": meta["step"],
+      "epoch": meta.get("epoch"), "class_names": list(names),
+      "count": int(len(evaluation.labels)), "accuracy": evaluation.accuracy,
+      "loss": evaluation.loss,
+      "recorded_accuracy": recorded["accuracy"] if recorded else None,
+      "recorded_loss": recorded["loss"] if recorded else None,
+      "ece": cal["ece"], "bins": bins, "calibration": cal,
+      "confusion_matrix": matrix.tolist(), "per_class": scores, "top_losses": top,
+      "files": files}
+  with open(os.path.join(out_dir, files["summary"]), "w") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(out_dir, files["html"]), "w", encoding="utf-8") as f:
+    f.write(_html(summary, scores, top))
+  return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m jaxcls.report",
+      description="Figures and tables of what a trained model learned (validation set).")
+  parser.add_argument("--workdir", required=True, help="The training run's workdir.")
+  parser.add_argument("--step", type=int, default=None,
+                      help="Checkpoint step (default: the one predict uses).")
+  parser.add_argument("--out", default=None, help="Report folder (default WORKDIR/report).")
+  parser.add_argument("--top-k", type=int, default=24, help="Images in the top-losses gallery.")
+  parser.add_argument("--bins", type=int, default=10, help="Confidence bins for the ECE.")
+  parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+  args = parser.parse_args(argv)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices.
+  if args.top_k < 0 or args.bins < 1:
+    print(f"error: --top-k={args.top_k} and --bins={args.bins}; use --top-k >= 0 and "
+          "--bins >= 1.", file=sys.stderr)
+    return 2
+  try:
+    summary = build_report(args.workdir, args.step, args.out, top_k=args.top_k,
+                           bins=args.bins, progress=not args.no_progress)
+  except (FileNotFoundError, ValueError, preprocess.ImageError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"step {summary['step']}: {summary['count']} validation images, accuracy "
+        f"{summary['accuracy']:.4f}, loss {summary['loss']:.4f}, "
+        f"ECE {summary['ece']:.4f}")
+  recorded = summary["recorded_accuracy"]
+  if recorded is not None and abs(recorded - summary["accuracy"]) > 1e-9:
+    print(f"warning: metrics.jsonl recorded accuracy {recorded:.4f} at this step; the "
+          "validation files may have changed since training.", file=sys.stderr)
+  print(format_table(summary["per_class"]))
+  print(summary["report_dir"])
+  return 0
+
+
+def run():
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
