@@ -50,8 +50,9 @@ def subprocess_env(devices: int, cache_dir: str) -> dict:
   paths = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
   env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
              JAX_NUM_CPU_DEVICES=str(devices), PYTHONPATH=os.pathsep.join(paths))
-  # Later runs reuse earlier runs' programs (JAX reads and writes the cache on process 0;
-  # process 1 compiles its own). conftest.py may have chosen a cache for the session.
+  # Later runs reuse earlier runs' programs (on process 0: JAX writes entries from the
+  # first process only, and process 1 compiled its own here). conftest.py may have
+  # chosen a cache for the whole session already.
   env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
   env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   return env
