@@ -83,8 +83,14 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   if mode == "auto" and source is None:
     return False
   log.info("Starting JAX's distributed runtime (from %s).", source or "auto-detection")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except ValueError as e:  # JAX could not work out what was not given.
+    raise DistributedError(
+        f"Cannot start JAX's distributed runtime: {e} Pass --coordinator_address="
+        "HOST0:PORT --num_processes=N --process_id=I on every process, or drop "
+        "--distributed=on for a single-process run.") from None
   log.info("Process %d of %d: %d local and %d global devices.", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

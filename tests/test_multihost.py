@@ -385,3 +385,11 @@ def test_inconsistent_flags_are_named(calls, kwargs, words):
   with pytest.raises(distributed.DistributedError, match=words):
     distributed.initialize(**kwargs)
   assert calls == []
+
+
+def test_nothing_to_join_is_explained(calls, monkeypatch):
+  def no_cluster(**kwargs):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+  with pytest.raises(distributed.DistributedError, match="--coordinator_address=HOST0"):
+    distributed.initialize("on")
