@@ -276,6 +276,46 @@ def test_checkpoint_from_one_process_resumes_in_two(runs):
   assert val[-1]["loss"] == pytest.approx(other[-1]["loss"], rel=1e-5)
 
 
+HELPERS_SCRIPT = """
+import os, sys, time
+from jaxcls import distributed
+distributed.initialize("auto", sys.argv[1], 2, int(sys.argv[2]))
+marker = os.path.join(sys.argv[3], "built")
+
+def build():  # Process 0 writes slowly; process 1 must find the file complete.
+  if distributed.is_main_process():
+    time.sleep(1.0)
+    with open(marker, "w") as f:
+      f.write("complete")
+  with open(marker) as f:
+    return f.read()
+
+assert distributed.on_main_process_first(build) == "complete"
+distributed.check_same_everywhere(b"same", "should not fail")
+try:
+  distributed.check_same_everywhere(sys.argv[2].encode(), "lists differ")
+except distributed.DistributedError as e:
+  print("raised:", e)
+"""
+
+
+def test_main_process_first_and_the_same_data_check_across_processes(tmp_path):
+  address = f"127.0.0.1:{free_port()}"
+  env = subprocess_env(1, str(tmp_path / "cache"))
+  procs = [subprocess.Popen([sys.executable, "-c", HELPERS_SCRIPT, address, str(i),
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  assert all("raised: lists differ" in out for out in outputs), outputs
+
+
 # ---------------------------------------------------------------------------------------
 # The loader's per-process shares (no JAX runtime needed)
 
