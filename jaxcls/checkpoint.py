@@ -1,16 +1,24 @@
 """Checkpoints with Orbax: the train state plus the metadata needed to rebuild the model.
 
-A checkpoint at step N is the folder `WORKDIR/checkpoints/N/` with two items:
+A checkpoint at step N is the folder `WORKDIR/checkpoints/N/` with these items:
 - `state`: step, params, batch_stats and optimizer state, saved unreplicated so that it
   restores on any number of devices;
-- `meta`: JSON with the config, the class names, the epoch and the metrics at that step.
+- `meta`: JSON with the config, the class names, the epoch, the metrics at that step,
+  the best validation result so far and the running sums of the epoch in progress;
+- `metrics`: Orbax's own record of the validation accuracy (epoch ends only), which it
+  uses to find the best checkpoint.
+
+Which checkpoints stay: the last `keep`, plus the one with the best validation accuracy
+(ties go to the earlier step), which is never rotated away. Mid-epoch checkpoints carry
+no validation accuracy and are never "best".
 
 With several processes every process calls `save` and `restore_state` (Orbax
 coordinates them; one process writes each array), and the workdir must be on storage
 every host can see. The process count may change between saving and restoring.
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
-crash during a save leaves the previous checkpoint as the latest.
+crash during a save leaves the previous checkpoint as the latest; leftover temporary
+folders are removed the next time a writable manager opens the folder.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -29,17 +38,44 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def ranking_key(metrics: dict) -> tuple:
+  """Orders checkpoints from worst to best: validation accuracy, then earlier step.
+
+  Checkpoints saved mid-epoch have no `val_accuracy` and rank below every validated one.
+  """
+  accuracy = metrics.get("val_accuracy")
+  if accuracy is None:
+    return (0, 0.0, 0)
+  return (1, float(accuracy), -int(metrics["step"]))
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager that keeps the last `keep` checkpoints and the best one."""
+  keep_policy = None
+  if not read_only:
+    keep_policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=ranking_key, n=1,
+                       keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+      create=not read_only, read_only=read_only, preservation_policy=keep_policy,
+      best_fn=ranking_key, best_mode="max", cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=async_save and not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Saves asynchronously; the host copy of `state` is taken before this returns."""
-  mngr.save(step, args=ocp.args.Composite(
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         val_accuracy: float | None = None) -> None:
+  """Saves asynchronously; the host copy of `state` is taken before this returns.
+
+  `val_accuracy` is given at epoch ends only: it is what ranks checkpoints for "best".
+  """
+  metrics = {"step": int(step)}
+  if val_accuracy is not None:
+    metrics["val_accuracy"] = float(val_accuracy)
+  mngr.save(step, metrics=metrics, args=ocp.args.Composite(
       state=ocp.args.StandardSave(global_state(state)), meta=ocp.args.JsonSave(meta)))
 
 
@@ -51,11 +87,11 @@ def _replicated_everywhere() -> jax.sharding.NamedSharding:
 def global_state(state: Any) -> Any:
   """With several processes, makes each array one array replicated on every device.
 
-  An unreplicated train state holds arrays on one local device of each process;
-  Orbax refuses to save such host-local arrays in a multi-process run, because it
-  cannot tell that they are equal everywhere. The train state is equal on every
-  process (its updates are averaged over all devices), so each process contributes
-  its own copy to one fully replicated global array.
+  An unreplicated train state holds host arrays (or arrays on one local device) in
+  each process; Orbax refuses to save host-local jax.Arrays in a multi-process run,
+  because it cannot tell that they are equal everywhere. The train state is equal on
+  every process (its updates are averaged over all devices), so each process
+  contributes its own copy to one fully replicated global array.
   """
   if jax.process_count() == 1:
     return state
@@ -67,6 +103,21 @@ def global_state(state: Any) -> Any:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree.map(to_global, state)
+
+
+def best_step(mngr: ocp.CheckpointManager) -> int | None:
+  """The step with the best validation accuracy, or the latest if none was validated."""
+  best = mngr.best_step()
+  return mngr.latest_step() if best is None else best
+
+
+def describe(step: int, meta: dict) -> str:
+  """'step 12 (epoch 2, val accuracy 0.9167)', or 'step 7 (mid-epoch 2)'."""
+  metrics = meta.get("metrics") or {}
+  if metrics.get("step") == step and "val_accuracy" in metrics:
+    return (f"step {step} (epoch {metrics['epoch']}, "
+            f"val accuracy {metrics['val_accuracy']:.4f})")
+  return f"step {step} (mid-epoch {int(meta.get('epoch', 0)) + 1})"
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:

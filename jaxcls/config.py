@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 64  # Global: split evenly over all devices of all processes.
   c.num_epochs = 10
+  # A workdir (a jaxcls run, or weights imported with `python -m jaxcls.pretrained`)
+  # whose backbone and input normalization start this run; the head starts fresh.
+  c.init_from = ""
 
   c.data = ml_collections.ConfigDict()
   # "folder:PATH" (class subfolders) or "generated:shapes" (drawn on the fly).
@@ -42,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "cnn"
   c.model.widths = (32, 64, 128)  # Channels of each conv block (cnn).
   c.model.dropout = 0.3
+  c.model.head_hidden = ()  # Widths of hidden ReLU layers between backbone and output.
   c.model.dtype = "float32"
   # Input normalization travels with the checkpoint: predict uses the same.
   c.model.input_mean = (127.5, 127.5, 127.5)
@@ -51,18 +55,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.learning_rate = 0.05
   c.optim.momentum = 0.9
   c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4  # L2 on kernels (not biases or batch-norm scales).
-  c.optim.l1 = 0.0  # L1 on kernels.
-  c.optim.schedule = "cosine"  # "constant" | "cosine".
+  c.optim.weight_decay = 5e-4  # L2 on the leaves named in decay_leaves.
+  c.optim.l1 = 0.0  # L1 on the same leaves.
+  # Parameter names that weight decay and L1 apply to; add "bias" or "scale" to
+  # penalize biases or batch-norm scales too.
+  c.optim.decay_leaves = ("kernel",)
+  c.optim.schedule = "cosine"  # "constant" | "cosine" | "step".
   c.optim.warmup_epochs = 0.0
+  c.optim.step_epochs = ()  # "step": epochs at which the rate is multiplied by step_factor.
+  c.optim.step_factor = 0.1
+  c.optim.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 = off.
+  c.optim.freeze = "none"  # "none" | "backbone" (train the head only).
+  c.optim.backbone_lr_mult = 1.0  # Backbone rate = this × learning rate.
 
   c.train = ml_collections.ConfigDict()
   c.train.log_every_steps = 50
   c.train.progress_bar = True
+  c.train.label_smoothing = 0.0
+  # With optim.freeze="backbone": train the whole network after this many epochs;
+  # 0 keeps the backbone frozen for the whole run.
+  c.train.unfreeze_after_epochs = 0
   c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
+  # Stop after this many epochs without a better validation accuracy; 0 = never.
+  c.train.early_stopping_patience = 0
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3  # The last N checkpoints; the best one is kept besides these.
+  c.checkpoint.every_steps = 1000  # Also save every N steps (0 = at epoch ends only).
+  c.checkpoint.async_save = True  # Write in a background thread while training goes on.
   return c
 
 
@@ -135,12 +155,40 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(0.0 <= c.optim.momentum < 1.0, "optim.momentum", "use [0, 1)")
   need(c.optim.weight_decay >= 0, "optim.weight_decay", "it must be >= 0")
   need(c.optim.l1 >= 0, "optim.l1", "it must be >= 0")
-  need(c.optim.schedule in ("constant", "cosine"), "optim.schedule",
-       "use 'constant' or 'cosine'")
+  need(c.optim.schedule in ("constant", "cosine", "step"), "optim.schedule",
+       "use 'constant', 'cosine' or 'step'")
   need(c.optim.warmup_epochs >= 0, "optim.warmup_epochs", "it must be >= 0")
+  _check_transfer_values(c, need)
   need(c.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1")
   need(c.train.log_every_steps >= 1, "train.log_every_steps", "use 1 or more")
   need(c.train.log_images >= 0, "train.log_images", "use 0 (none) or a positive count")
+  need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps",
+       "use 0 (epoch ends only) or a positive number of steps")
+  need(c.train.early_stopping_patience >= 0, "train.early_stopping_patience",
+       "use 0 (off) or a positive number of epochs")
+
+
+def _check_transfer_values(c: ml_collections.ConfigDict, need) -> None:
+  """Range checks for the head, recipe and transfer-learning keys."""
+  need(all(isinstance(w, int) and w > 0 for w in c.model.head_hidden),
+       "model.head_hidden", "give positive integer widths, e.g. (256,), or () for none")
+  need(all(isinstance(n, str) for n in c.optim.decay_leaves), "optim.decay_leaves",
+       "give parameter names, e.g. ('kernel',) or ('kernel', 'bias', 'scale')")
+  need(all(e > 0 for e in c.optim.step_epochs)
+       and list(c.optim.step_epochs) == sorted(c.optim.step_epochs),
+       "optim.step_epochs", "give increasing positive epochs, e.g. (30, 60)")
+  need(c.optim.schedule != "step" or len(c.optim.step_epochs) > 0, "optim.step_epochs",
+       "set the epochs at which the 'step' schedule decays, e.g. (30, 60)")
+  need(0.0 < c.optim.step_factor <= 1.0, "optim.step_factor", "use a factor in (0, 1]")
+  need(c.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "use 0 (off) or a positive norm")
+  need(c.optim.freeze in ("none", "backbone"), "optim.freeze", "use 'none' or 'backbone'")
+  need(c.optim.backbone_lr_mult >= 0, "optim.backbone_lr_mult", "it must be >= 0")
+  need(0.0 <= c.train.label_smoothing < 1.0, "train.label_smoothing", "use [0, 1)")
+  need(c.train.unfreeze_after_epochs >= 0, "train.unfreeze_after_epochs",
+       "use 0 (stay frozen) or a positive number of epochs")
+  need(c.train.unfreeze_after_epochs == 0 or c.optim.freeze == "backbone",
+       "train.unfreeze_after_epochs",
+       "it only applies with optim.freeze='backbone'; set that or use 0")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import signal
 import sys
 
 from absl import app, flags
@@ -55,9 +58,38 @@ def main(argv):
           distributed.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if final and distributed.is_main_process():
+  except train.TrainingDivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  if final.get("stop_reason", "").startswith("SIG"):
+    _exit_after_signal(final)
+  if not distributed.is_main_process():
+    return  # Process 0 reports how the run ended.
+  if final.get("stop_reason") == "early_stopping":
+    print(f"Stopped early at step {final['final_step']}: validation accuracy had not "
+          f"improved for {_CONFIG.value.train.early_stopping_patience} epoch(s).")
+  if final.get("epoch"):
     print(f"Done: epoch {final['epoch']}, val accuracy {final['val_accuracy']:.4f}, "
           f"val loss {final['val_loss']:.4f}. Workdir: {_WORKDIR.value}")
+
+
+def resume_command() -> str:
+  """The command line that started this run: running it again resumes."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(os.path.join("jaxcls", "main.py")):
+    return "python -m jaxcls.main " + shlex.join(argv[1:])
+  if argv and argv[0].endswith(".py"):
+    return "python " + shlex.join(argv)
+  return shlex.join(argv)
+
+
+def _exit_after_signal(final: dict) -> None:
+  """Exits 128 + signal number, as shells and schedulers expect, after a clean save."""
+  name = final["stop_reason"]
+  print(f"Stopped by {name} at step {final['final_step']}; a checkpoint of that step is "
+        f"saved in {_WORKDIR.value}. To resume, run the same command again:\n"
+        f"  {resume_command()}", file=sys.stderr)
+  sys.exit(128 + getattr(signal, name))
 
 
 def run():

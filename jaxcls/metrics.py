@@ -25,13 +25,18 @@ def _plain(value: Any) -> Any:
 class MetricWriter:
   """Appends rows to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               purge_after: int | None = None):
+    """`purge_after`: a resumed run's step; rows logged after it are dropped (replayed)."""
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
+    if enabled and purge_after is not None:
+      drop_rows_after(workdir, purge_after)
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # Imported only where events are written.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge_step = None if purge_after is None else purge_after + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, split: str, values: dict[str, Any], **extra: Any) -> dict:
     row = {"step": int(step), "split": split, **extra,
@@ -90,3 +95,31 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     left = pad + (i % columns) * (width + pad)
     grid[top:top + height, left:left + width] = tile
   return grid
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+  """Removes rows with `step` > step from metrics.jsonl; returns how many went.
+
+  A run resumed from the checkpoint at `step` logs the later steps again; without this,
+  plots would show them twice. A line cut short by a killed run is dropped too. The
+  file is replaced atomically.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row.get("step", 0) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return 0
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)

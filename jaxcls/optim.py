@@ -1,24 +1,42 @@
-"""The optimizer: SGD with momentum, L2 weight decay and an optional L1 penalty.
+"""The optimizer: SGD with momentum, L2 weight decay, optional L1, clipping and freezing.
 
 Both penalties are added to the gradient before the SGD update, which is the same as
-adding `weight_decay/2 * ||w||²` and `l1 * |w|` to the loss. They apply to conv and
-dense kernels only: penalizing biases and batch-norm scales does not regularize.
+adding `weight_decay/2 * ||w||²` and `l1 * |w|` to the loss. By default they apply to
+conv and dense kernels only (`optim.decay_leaves`): penalizing biases and batch-norm
+scales does not regularize.
+
+Parameters come in two groups, {"backbone", "head"}. When the backbone is frozen or
+has its own learning rate, each group gets its own SGD chain (`optax.partition`); a
+frozen backbone's chain is masked (`optax.conditionally_mask`): its updates are exactly
+zero and its momentum untouched until the unfreeze step, so frozen weights come out
+bit-identical and start fine-tuning with clean momentum.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+# The frozen backbone's step counter never reaches this: frozen for the whole run.
+_NEVER = int(jnp.iinfo(jnp.int32).max)
+
+
+def leaf_mask(names: Sequence[str]) -> Callable[[Any], Any]:
+  """A mask function: True for leaves whose name is one of `names`."""
+  names = frozenset(names)
+
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in names, params)
+  return mask
+
 
 def kernel_mask(params: Any) -> Any:
   """True for weight matrices and conv kernels (leaves named 'kernel')."""
-  def is_kernel(path, _):
-    return getattr(path[-1], "key", None) == "kernel"
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
+  return leaf_mask(("kernel",))(params)
 
 
 class _L1State(NamedTuple):
@@ -41,6 +59,15 @@ def add_l1_subgradient(l1: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def _step_schedule(optim_config, steps_per_epoch: int, warmup: int):
+  """Multiplies the rate by `step_factor` at each of `step_epochs` (counted after warmup)."""
+  factors: dict[int, float] = {}
+  for epoch in optim_config.step_epochs:
+    boundary = max(1, int(round(epoch * steps_per_epoch)) - warmup)
+    factors[boundary] = factors.get(boundary, 1.0) * optim_config.step_factor
+  return optax.piecewise_constant_schedule(optim_config.learning_rate, factors)
+
+
 def learning_rate_schedule(optim_config, steps_per_epoch: int, num_epochs: int):
   total = max(1, steps_per_epoch * num_epochs)
   warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
@@ -49,23 +76,64 @@ def learning_rate_schedule(optim_config, steps_per_epoch: int, num_epochs: int):
     main = optax.constant_schedule(lr)
   elif optim_config.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
+  elif optim_config.schedule == "step":
+    main = _step_schedule(optim_config, steps_per_epoch, warmup)
   else:
     raise ValueError(f"Unknown optim.schedule '{optim_config.schedule}'; use "
-                     "'constant' or 'cosine'.")
+                     "'constant', 'cosine' or 'step'.")
   if warmup == 0:
     return main
   return optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), main], boundaries=[warmup])
 
 
-def create_optimizer(optim_config, steps_per_epoch: int,
-                     num_epochs: int) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(optim_config, steps_per_epoch, num_epochs)
+def frozen_steps(config, steps_per_epoch: int) -> int:
+  """How many steps the backbone stays frozen: 0 (never frozen) up to the whole run."""
+  if config.optim.freeze != "backbone":
+    return 0
+  if config.train.unfreeze_after_epochs == 0:
+    return _NEVER
+  return config.train.unfreeze_after_epochs * steps_per_epoch
+
+
+def _sgd(optim_config, schedule) -> optax.GradientTransformation:
+  mask = leaf_mask(optim_config.decay_leaves)
   parts = []
   if optim_config.l1 > 0:
-    parts.append(optax.masked(add_l1_subgradient(optim_config.l1), kernel_mask))
+    parts.append(optax.masked(add_l1_subgradient(optim_config.l1), mask))
   if optim_config.weight_decay > 0:
-    parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask=kernel_mask))
+    parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask=mask))
   parts.append(optax.sgd(schedule, momentum=optim_config.momentum or None,
                          nesterov=optim_config.nesterov))
   return optax.chain(*parts)
+
+
+def _group_labels(params: Any) -> dict:
+  return {name: "head" if name == "head" else "backbone" for name in params}
+
+
+def create_optimizer(optim_config, steps_per_epoch: int, num_epochs: int,
+                     frozen_for: int | None = None) -> optax.GradientTransformation:
+  """The optax chain for `optim_config`.
+
+  `frozen_for` (see `frozen_steps`) is the number of steps a backbone frozen by
+  `optim.freeze="backbone"` stays frozen (None: the whole run); afterwards it trains at
+  `optim.backbone_lr_mult` times the scheduled rate.
+  """
+  schedule = learning_rate_schedule(optim_config, steps_per_epoch, num_epochs)
+  mult = optim_config.backbone_lr_mult
+  if optim_config.freeze == "none" and mult == 1.0:
+    tx = _sgd(optim_config, schedule)
+  else:
+    start = 0
+    if optim_config.freeze == "backbone":
+      start = _NEVER if frozen_for is None else frozen_for
+    # The masked chain counts only the steps it ran; shift it onto the run's clock.
+    backbone = _sgd(optim_config, lambda count: mult * schedule(count + start))
+    if optim_config.freeze == "backbone":
+      backbone = optax.conditionally_mask(backbone, lambda step: step >= start)
+    tx = optax.partition({"backbone": backbone, "head": _sgd(optim_config, schedule)},
+                         _group_labels)
+  if optim_config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)
+  return tx

@@ -130,7 +130,11 @@ class Predictor:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
                    batch_size: int = 64) -> "Predictor":
-    """Rebuilds the model and its weights from a checkpoint alone (latest by default)."""
+    """Rebuilds the model and its weights from a checkpoint alone.
+
+    By default the checkpoint with the best validation accuracy (the latest one if none
+    was validated yet); `step` picks another. `checkpoint_description` says which.
+    """
     from jaxcls.train import create_train_state  # Only the state's structure is used.
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
       raise FileNotFoundError(f"No checkpoints in '{workdir}'. Train first: python "
@@ -139,7 +143,8 @@ class Predictor:
     steps = mngr.all_steps()
     if not steps:
       raise FileNotFoundError(f"No finished checkpoint in '{workdir}'.")
-    step = steps[-1] if step is None else step
+    chosen = step
+    step = checkpoint.best_step(mngr) if step is None else step
     if step not in steps:
       raise ValueError(f"No checkpoint at step {step} in '{workdir}'; have {steps}.")
     meta = checkpoint.restore_meta(mngr, step)
@@ -151,8 +156,13 @@ class Predictor:
     state = checkpoint.restore_state(mngr, step, target)
     mngr.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return cls(model, variables, class_names, config.data.image_size, step=step,
-               batch_size=batch_size)
+    predictor = cls(model, variables, class_names, config.data.image_size, step=step,
+                    batch_size=batch_size)
+    which = "requested" if chosen is not None else (
+        "best" if meta.get("metrics", {}).get("step") == step else "latest")
+    predictor.checkpoint_description = (
+        f"the {which} checkpoint: {checkpoint.describe(step, meta)}")
+    return predictor
 
   def predict_arrays(self, images: np.ndarray,
                      tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -440,7 +450,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="Write results to this file instead of stdout.")
   parser.add_argument("--json", action="store_true",
                       help="Print one JSON object per line instead of tab-separated text.")
-  parser.add_argument("--step", type=int, default=None, help="Checkpoint step to use.")
+  parser.add_argument("--step", type=int, default=None,
+                      help="Checkpoint step to use (default: the best by val accuracy).")
   parser.add_argument("--workers", type=int, default=0,
                       help="Decode threads (default 0: one per CPU core).")
   parser.add_argument("--no-progress", action="store_true",
@@ -501,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       out.close()
       os.remove(args.output)
     return 2
+  print(f"Loaded {predictor.checkpoint_description} from {args.workdir}", file=sys.stderr)
   predictor.workers, predictor.tta = args.workers, args.tta
   return _predict_all(predictor, args, out)
 

@@ -8,11 +8,15 @@ before one division on the host, so metrics are exact whatever the device count.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
+import re
+import signal
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -30,19 +34,29 @@ from jaxcls import config as config_lib
 from jaxcls import distributed
 from jaxcls import metrics as metrics_lib
 from jaxcls import optim
+from jaxcls import transfer
 from jaxcls.data import augment, loader, sources
-from jaxcls.models import create_model
+from jaxcls.models import create_model, flops_per_image
 
 AXIS = "batch"
 # Changing these between runs on one workdir changes the model's structure or inputs.
 STRUCTURE_KEYS = ("model.name", "model.widths", "model.input_mean", "model.input_std",
-                  "data.image_size")
+                  "model.head_hidden", "data.image_size")
+# Changing these on resume is harmless: no warning. Any other change warns.
+QUIET_KEYS = ("data.workers", "train.progress_bar", "train.log_every_steps",
+              "checkpoint.keep", "checkpoint.every_steps", "checkpoint.async_save")
+# OSError numbers that mean "the workdir cannot take more writes".
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 log = logging.getLogger("jaxcls")
 
 
 class WorkdirError(OSError):
   """The workdir cannot be created or written."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or the parameters became NaN or infinite; nothing after that was saved."""
 
 
 class TrainState(train_state.TrainState):
@@ -89,14 +103,20 @@ def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
   size = config.data.image_size
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.uint8))
-  tx = optim.create_optimizer(config.optim, steps_per_epoch, config.num_epochs)
+  tx = optim.create_optimizer(config.optim, steps_per_epoch, config.num_epochs,
+                              optim.frozen_steps(config, steps_per_epoch))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
-               rotation: float, scale: tuple[float, float]) -> tuple[TrainState, dict]:
-  """One SGD step on this device's share of the batch; call it under pmap."""
+               rotation: float, scale: tuple[float, float], label_smoothing: float = 0.0,
+               freeze_backbone: bool = False) -> tuple[TrainState, dict]:
+  """One SGD step on this device's share of the batch; call it under pmap.
+
+  `freeze_backbone` stops gradients at the backbone, so backpropagation skips it (the
+  optimizer keeps a frozen backbone's update at exactly zero either way).
+  """
   rng = jax.random.fold_in(rng, state.step)
   rng = jax.random.fold_in(rng, lax.axis_index(AXIS))
   augment_rng, dropout_rng = jax.random.split(rng)
@@ -105,10 +125,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
   labels = batch["label"]
 
   def loss_fn(params):
+    if freeze_backbone:
+      params = {**params, "backbone": lax.stop_gradient(params["backbone"])}
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss = _loss(logits, labels, label_smoothing)
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -117,6 +139,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, lax.pmean({"loss": loss, "accuracy": accuracy}, AXIS)
+
+
+def _loss(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float) -> jnp.ndarray:
+  """Mean cross-entropy (float32) against labels smoothed by `label_smoothing`."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def eval_outputs(apply_fn, variables: dict, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -197,7 +227,22 @@ def _dataset_fingerprint(dataset: sources.Dataset) -> bytes:
                      dataset.val.labels, dataset.class_names]).encode()
 
 
-def _check_resume_compatible(saved_config: dict, config, saved_classes, classes) -> None:
+def _flat(values: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return out
+
+
+def _check_resume_compatible(saved_config: dict, config, saved_classes,
+                             classes) -> list[str]:
+  """Errors on changes to the model or its inputs; warns about any other changed key.
+
+  Returns the keys it warned about.
+  """
   saved = config_lib.from_dict(saved_config)
   for key in STRUCTURE_KEYS:
     old, new = saved, config
@@ -211,6 +256,12 @@ def _check_resume_compatible(saved_config: dict, config, saved_classes, classes)
     raise config_lib.ConfigError(
         f"The workdir holds a run trained on classes {list(saved_classes)}, but the data "
         f"now has {list(classes)}. Use a new --workdir for a different data set.")
+  old, new = _flat(saved.to_dict()), _flat(config.to_dict())
+  changed = [k for k in sorted(new) if k not in QUIET_KEYS and old.get(k) != new[k]]
+  for key in changed:
+    log.warning("Resuming with %s=%r; the checkpoint was trained with %r. Continuing "
+                "with the new value.", key, new[key], old.get(key))
+  return changed
 
 
 def _log_augmented_images(writer: metrics_lib.MetricWriter, source, config,
@@ -240,13 +291,172 @@ def _summaries(rows: list[dict]) -> dict:
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when every float in `tree` is finite: one scalar, so one tiny transfer."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _latest_complete_step(workdir: str) -> int | None:
+  """The newest checkpoint on disk that was fully written (temporary folders ignored)."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return None
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def _diverged(what: str, step: int, workdir: str, config) -> TrainingDivergedError:
+  good = _latest_complete_step(workdir)
+  kept = ("no checkpoint had been saved yet" if good is None else
+          f"the last good checkpoint, step {good} in {checkpoint.checkpoint_dir(workdir)}, "
+          "is kept and a rerun resumes from it")
+  return TrainingDivergedError(
+      f"Training stopped: {what} at step {step}. Nothing was saved after it; {kept}. "
+      f"Lower optim.learning_rate (now {config.optim.learning_rate}) or check the data.")
+
+
+def _check_losses(rows: list[dict], done: int, workdir: str, config) -> None:
+  """Raises if any loss in `rows` (the steps ending at `done`) is NaN or infinite."""
+  for offset, row in enumerate(rows):
+    if not np.isfinite(row["loss"]):
+      step = done - len(rows) + offset + 1
+      raise _diverged(f"the loss was {row['loss']}", step, workdir, config)
+
+
+def _write_error_cause(error: BaseException) -> OSError | None:
+  """The OSError behind `error` that says the disk is full or not writable, if any.
+
+  Orbax's background writes fail with TensorStore errors (a ValueError whose text ends
+  in "[os_error_code='28']"); those are turned back into the OSError they describe.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+      return error
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code and int(code.group(1)) in WRITE_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _write_error(cause: OSError, workdir: str) -> WorkdirError:
+  try:
+    latest = _latest_complete_step(workdir)
+  except Exception:  # An unreadable folder must not hide the original error.
+    latest = None
+  kept = ("There were no checkpoints yet." if latest is None else
+          f"The checkpoints already there are intact (latest complete: step {latest}).")
+  where = f" ({cause.filename})" if cause.filename else ""
+  return WorkdirError(
+      f"Cannot write to the workdir '{workdir}': {cause.strerror or cause}{where}. "
+      f"{kept} Free some space or fix the permissions, then rerun the same command to "
+      "resume.")
+
+
+class _StopSignals:
+  """SIGTERM or Ctrl-C ask the loop to save at the current step and stop cleanly.
+
+  The previous handlers come back as soon as one signal arrives, so a second Ctrl-C
+  still interrupts a run that seems stuck. Only the main thread may install handlers;
+  elsewhere this does nothing.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    log.warning("Received %s: saving a checkpoint after this step, then stopping.",
+                self.received)
+    self._restore()
+
+  def _restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
+
+
+def _new_progress() -> dict:
+  """What a checkpoint records about the run beyond the state: best epoch, epoch sums."""
+  return {"best": None, "epoch_sums": {"loss": 0.0, "accuracy": 0.0, "steps": 0}}
+
+
+def _patience_ran_out(progress: dict, config, epoch: int) -> bool:
+  patience = config.train.early_stopping_patience
+  best = progress["best"]
+  return bool(patience) and best is not None and epoch - best["epoch"] >= patience
+
+
+def _pmap_train_step(config, devices, *, freeze_backbone: bool):
+  return jax.pmap(
+      functools.partial(train_step, flip=config.augment.flip,
+                        rotation=config.augment.rotation,
+                        scale=tuple(config.augment.scale),
+                        label_smoothing=config.train.label_smoothing,
+                        freeze_backbone=freeze_backbone),
+      axis_name=AXIS, devices=distributed.pmap_devices(devices), in_axes=(0, 0, None),
+      donate_argnums=(0,))
+
+
+def _log_model(config, state: TrainState, num_classes: int, num_devices: int,
+               num_steps: int) -> None:
+  """Logs the parameter count and XLA's FLOPs per image of the inference forward pass."""
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  variables = jax.eval_shape(lambda: {"params": state.params,
+                                      "batch_stats": state.batch_stats})
+  flops = flops_per_image(create_model(config.model, num_classes), variables,
+                          config.data.image_size)
+  flops_text = "unknown" if flops is None else f"{flops / 1e9:.3f} GFLOPs"
+  log.info("Model %s: %s parameters, %s per %d px image (XLA, multiply-add = 2); "
+           "%d devices; %d steps of %d images.", config.model.name, f"{num_params:,}",
+           flops_text, config.data.image_size, num_devices, num_steps, config.batch_size)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices=None) -> tuple[TrainState, dict]:
   """Trains with validation after every epoch; resumes from the workdir's checkpoint.
 
   Returns the final (unreplicated) train state and a dict of the last metrics:
-  `train_loss`, `train_accuracy`, `val_loss`, `val_accuracy`, `epoch`, `step`.
+  `train_loss`, `train_accuracy`, `val_loss`, `val_accuracy`, `epoch`, `step`, plus
+  `final_step` and `stop_reason`: "finished", "early_stopping", or the signal's name
+  ("SIGTERM", "SIGINT") when a signal stopped the run after saving a checkpoint (run
+  the same command again to resume).
+
+  Raises TrainingDivergedError on a NaN or infinite loss (the last good checkpoint is
+  kept) and WorkdirError when the workdir cannot be written (the checkpoints already
+  there are intact).
   """
+  try:
+    return _train_and_evaluate(config, workdir, devices)
+  except Exception as e:
+    cause = _write_error_cause(e)
+    if cause is None or isinstance(e, WorkdirError):
+      raise
+    raise _write_error(cause, os.path.abspath(os.path.expanduser(workdir))) from e
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        devices) -> tuple[TrainState, dict]:
   config_lib.validate(config)
   devices = list(devices or jax.local_devices())
   _check_devices(config, devices)
@@ -269,38 +479,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            list(dataset.class_names), len(dataset.train), len(dataset.val),
            len(dataset.skipped))
 
-  model = create_model(config.model, len(dataset.class_names), axis_name=AXIS)
+  source = transfer.load_source(config.init_from) if config.init_from else None
+  if source:
+    config = transfer.adopt_source_model(config, source)
+  model = create_model(config.model, len(dataset.class_names), axis_name=AXIS,
+                       backbone_bn_train=config.optim.freeze != "backbone")
   init_rng, train_rng = jax.random.split(root_key(config.seed))
   state = create_train_state(config, model, init_rng, steps_per_epoch)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("Model %s: %s parameters; %d devices; %d steps of %d images.",
-           config.model.name, f"{num_params:,}", len(devices) * jax.process_count(),
-           num_steps, config.batch_size)
+  _log_model(config, state, len(dataset.class_names), len(devices) * jax.process_count(),
+             num_steps)
 
-  mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-  last = {}
+  mngr = checkpoint.manager(workdir, config.checkpoint.keep,
+                            async_save=config.checkpoint.async_save)
+  last, progress = {}, _new_progress()
   if mngr.latest_step() is not None:
     meta = checkpoint.restore_meta(mngr)
     _check_resume_compatible(meta["config"], config, meta["class_names"],
                              dataset.class_names)
     state = checkpoint.restore_state(mngr, mngr.latest_step(), state)
     last = meta.get("metrics", {})
+    progress.update(meta.get("progress", {}))
     log.info("Resumed from step %d (epoch %s).", int(state.step), meta.get("epoch"))
+  elif source:
+    state = transfer.transplant_backbone(state, source)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(config))
   start_step = int(state.step)
-  if start_step >= num_steps:
-    log.info("Training already finished at step %d; nothing to do.", start_step)
+  if start_step >= num_steps or (start_step % steps_per_epoch == 0 and _patience_ran_out(
+      progress, config, start_step // steps_per_epoch)):
+    reason = "finished" if start_step >= num_steps else "early_stopping"
+    log.info("Training already %s at step %d; nothing to do.",
+             "finished" if reason == "finished" else "stopped early", start_step)
     mngr.close()
-    return state, last
+    return state, {**last, "final_step": start_step, "stop_reason": reason}
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, flip=config.augment.flip,
-                        rotation=config.augment.rotation,
-                        scale=tuple(config.augment.scale)),
-      axis_name=AXIS, devices=distributed.pmap_devices(devices), in_axes=(0, 0, None),
-      donate_argnums=(0,))
+  p_train_step = _pmap_train_step(config, devices, freeze_backbone=False)
+  # Compiled on first use: the frozen phase backpropagates through the head only.
+  p_frozen_step = _pmap_train_step(config, devices, freeze_backbone=True)
+  frozen_for = optim.frozen_steps(config, steps_per_epoch)
   p_eval_step = jax.pmap(eval_step, axis_name=AXIS,
                          devices=distributed.pmap_devices(devices))
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
@@ -310,55 +527,103 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       seed=config.seed, num_steps=num_steps, start_step=start_step,
       workers=_workers(config), process_index=jax.process_index(),
       process_count=jax.process_count()), devices)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, purge_after=start_step)
   if is_main and start_step == 0 and config.train.log_images:
     _log_augmented_images(writer, dataset.train, config, train_rng,
                           config.train.log_images)
   replicated = replicate(state, devices)
   bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (config.train.progress_bar and is_main))
-  pending, epoch_rows = [], []
+  sums = progress["epoch_sums"]  # Train loss/accuracy of the epoch so far (resumable).
+  every = config.checkpoint.every_steps
+  pending, stop_reason, done = [], "finished", start_step
   tick, tick_step = time.perf_counter(), start_step
-  for step in range(start_step, num_steps):
-    replicated, step_metrics = p_train_step(replicated, next(batches), train_rng)
-    pending.append(step_metrics)
-    bar.update(1)
-    done = step + 1
-    end_of_epoch = done % steps_per_epoch == 0
-    if done % config.train.log_every_steps and not end_of_epoch:
-      continue
-    # One device→host transfer per log interval, not per step.
-    rows = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
-    pending = []
-    epoch_rows.extend(rows)
-    now = time.perf_counter()
-    speed = (done - tick_step) * config.batch_size / (now - tick)
-    tick, tick_step = now, done
-    interval = _summaries(rows)
-    epoch = (done - 1) // steps_per_epoch + 1
-    writer.write(done, "train", {**interval, "learning_rate": float(schedule(done - 1)),
-                                 "images_per_sec": speed}, epoch=epoch)
-    bar.set_postfix(loss=f"{interval['loss']:.4f}", img_s=f"{speed:.0f}")
-    if not end_of_epoch:
-      continue
-    train_summary = _summaries(epoch_rows)
-    epoch_rows = []
-    val = _evaluate(p_eval_step, replicated, dataset.val, config, devices)
-    writer.write(done, "val", val, epoch=epoch)
-    writer.flush()
-    last = {"epoch": epoch, "step": done, "train_loss": train_summary["loss"],
-            "train_accuracy": train_summary["accuracy"], "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"]}
-    if is_main:
-      bar.write(f"epoch {epoch}/{config.num_epochs}  step {done}  "
-                f"train loss {last['train_loss']:.4f} acc {last['train_accuracy']:.4f}  "
-                f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
-    state = unreplicate(replicated)
-    checkpoint.save(mngr, done, state, {
-        "config": config.to_dict(), "class_names": list(dataset.class_names),
-        "epoch": epoch, "step": done, "metrics": last})
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
-  return unreplicate(replicated), last
+  try:
+    with _StopSignals() as signals:
+      for step in range(start_step, num_steps):
+        if step == frozen_for and step > 0:
+          log.info("Step %d: unfreezing the backbone (learning rate x %g).", step,
+                   config.optim.backbone_lr_mult)
+        step_fn = p_frozen_step if step < frozen_for else p_train_step
+        replicated, step_metrics = step_fn(replicated, next(batches), train_rng)
+        pending.append(step_metrics)
+        bar.update(1)
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        periodic = bool(every) and done % every == 0
+        if (done % config.train.log_every_steps and not end_of_epoch and not periodic
+            and not signals.received):
+          continue
+        # One device→host transfer per log interval or save, not per step.
+        rows = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
+        pending = []
+        _check_losses(rows, done, workdir, config)
+        for row in rows:
+          sums["loss"] += row["loss"]
+          sums["accuracy"] += row["accuracy"]
+          sums["steps"] += 1
+        now = time.perf_counter()
+        speed = (done - tick_step) * config.batch_size / (now - tick)
+        tick, tick_step = now, done
+        interval = _summaries(rows)
+        epoch = (done - 1) // steps_per_epoch + 1
+        writer.write(done, "train", {**interval, "learning_rate": float(schedule(done - 1)),
+                                     "images_per_sec": speed}, epoch=epoch)
+        bar.set_postfix(loss=f"{interval['loss']:.4f}", img_s=f"{speed:.0f}")
+        val = None
+        if end_of_epoch:
+          val = _evaluate(p_eval_step, replicated, dataset.val, config, devices)
+          writer.write(done, "val", val, epoch=epoch)
+          writer.flush()
+          last = {"epoch": epoch, "step": done,
+                  "train_loss": sums["loss"] / sums["steps"],
+                  "train_accuracy": sums["accuracy"] / sums["steps"],
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+          progress["epoch_sums"] = sums = _new_progress()["epoch_sums"]
+          best = progress["best"]
+          if best is None or val["accuracy"] > best["val_accuracy"]:
+            progress["best"] = {"val_accuracy": val["accuracy"], "epoch": epoch,
+                                "step": done}
+          if is_main:
+            bar.write(f"epoch {epoch}/{config.num_epochs}  step {done}  "
+                      f"train loss {last['train_loss']:.4f} "
+                      f"acc {last['train_accuracy']:.4f}  "
+                      f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
+        if end_of_epoch or periodic or signals.received:
+          state = unreplicate(replicated)
+          if not bool(_all_finite((state.params, state.batch_stats))):
+            raise _diverged("the parameters became NaN or infinite", done, workdir, config)
+          checkpoint.save(mngr, done, state, {
+              "config": config.to_dict(), "class_names": list(dataset.class_names),
+              "epoch": done // steps_per_epoch, "step": done, "metrics": last,
+              "progress": progress}, val_accuracy=val["accuracy"] if val else None)
+        if signals.received:
+          stop_reason = signals.received
+          break
+        if end_of_epoch and _patience_ran_out(progress, config, epoch):
+          stop_reason = "early_stopping"
+          best = progress["best"]
+          log.info("Early stopping after epoch %d: no better validation accuracy since "
+                   "epoch %d (%.4f), patience %d.", epoch, best["epoch"],
+                   best["val_accuracy"], config.train.early_stopping_patience)
+          break
+    mngr.wait_until_finished()
+  finally:
+    bar.close()
+    _close_quietly(writer, mngr)
+  if stop_reason.startswith("SIG"):
+    log.warning("Stopped by %s at step %d; checkpoint %d saved in %s. Run the same "
+                "command again to resume.", stop_reason, done, done,
+                checkpoint.checkpoint_dir(workdir))
+  final = unreplicate(replicated)
+  return final, {**last, "final_step": done, "stop_reason": stop_reason}
+
+
+def _close_quietly(writer, mngr) -> None:
+  """Closes after an error without hiding it; on success the errors were seen already."""
+  for close in (writer.close, mngr.close):
+    try:
+      close()
+    except Exception as e:  # Already failing (disk full); keep the first error.
+      log.debug("Ignoring %r while closing.", e)
+

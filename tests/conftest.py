@@ -20,9 +20,9 @@ from jaxcls.data import sources  # noqa: E402
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-  """A two-class image folder (disc/, stripes/) of 32 px JPEGs and PNGs, 60 per class."""
+  """A two-class image folder (disc/, stripes/) of 32 px JPEGs and PNGs, 66 per class (101 train, 31 val)."""
   root = str(tmp_path_factory.mktemp("shapes"))
-  sources.draw_shapes(root, per_class=60, seed=0, size=32)
+  sources.draw_shapes(root, per_class=66, seed=0, size=32)
   return root
 
 

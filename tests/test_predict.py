@@ -218,8 +218,8 @@ def test_expand_inputs_handles_folders_globs_and_misses(shapes_dir, tmp_path):
   paths = [p for p, e in entries if e is None]
   assert paths[:3] == [os.path.join(shapes_dir, "disc", f"disc_000{i}.{ext}")
                        for i, ext in ((0, "jpg"), (1, "png"), (2, "jpg"))]
-  assert len(paths) == 3 + 120 + 1 and paths[-1] == "plain.jpg"
-  assert paths[3:123] == sorted(paths[3:123])  # The folder, recursively and sorted.
+  assert len(paths) == 3 + 132 + 1 and paths[-1] == "plain.jpg"
+  assert paths[3:135] == sorted(paths[3:135])  # The folder, recursively and sorted.
   errors = [(p, e) for p, e in entries if e is not None]
   assert [p for p, _ in errors] == [str(tmp_path / "empty_folder"),
                                     str(tmp_path / "*.nothing")]
@@ -244,10 +244,10 @@ def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, 
                         "--output", str(out_csv))
   assert code == 1 and out == ""
   rows = list(csv.DictReader(out_csv.open()))
-  assert len(rows) == 122
+  assert len(rows) == 134
   files = predict_lib.expand_paths([shapes_dir])
   assert [r["path"] for r in rows] == files + [str(bad), str(tmp_path / "gone.png")]
-  assert "122/122" in err  # The progress bar (more than MANY_FILES inputs).
+  assert "134/134" in err  # The progress bar (more than MANY_FILES inputs).
   assert rows[-1]["error"] == "no such file" and rows[-2]["error"]
   expected = predictor.predict_files(files[:20])
   for row, want in zip(rows, expected):
@@ -256,7 +256,7 @@ def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, 
                                                       abs=1e-6)
     assert row["top2_label"] == want.top_k[1][0]
   counts = {c: sum(r["label"] == c for r in rows) for c in ("disc", "stripes")}
-  assert "Predicted 120 of 122 input(s)" in err and "2 failed" in err
+  assert "Predicted 132 of 134 input(s)" in err and "2 failed" in err
   per_class = ", ".join(f"{c} {n}" for c, n in counts.items() if n)  # Zero counts left out.
   assert f"Per class: {per_class}." in err
 

@@ -8,11 +8,41 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
+class Head(nn.Module):
+  """Optional hidden ReLU layers (`hidden_0`, ...), then the output layer.
+
+  The output layer's `kernel` and `bias` sit directly in the head's parameters, so a
+  head without hidden layers has exactly the parameters of a plain Dense layer: a
+  checkpoint's `params["head"]` is `{"kernel", "bias"}` either way, plus the hidden
+  layers when there are some.
+  """
+  num_classes: int
+  hidden: Sequence[int] = ()
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, width in enumerate(self.hidden):
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"hidden_{i}")(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.num_classes))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.num_classes,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return x @ kernel + bias
+
+
 class Classifier(nn.Module):
   """uint8 or float images in [0, 255] → logits [N, num_classes] (float32).
 
   Normalization is the first layer, so whoever calls the model (train, eval, predict,
   an exported program) normalizes exactly the way training did.
+
+  `backbone_bn_train=False` keeps the backbone's batch norm in inference mode (running
+  statistics, never updated) even when training: the standard way to fine-tune a
+  pretrained backbone that was first frozen, whose statistics came from far more data.
   """
   backbone: nn.Module
   num_classes: int
@@ -20,11 +50,13 @@ class Classifier(nn.Module):
   mean: Sequence[float] = (127.5, 127.5, 127.5)
   std: Sequence[float] = (127.5, 127.5, 127.5)
   dtype: Any = jnp.float32
+  head_hidden: Sequence[int] = ()
+  backbone_bn_train: bool = True
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    features = self.backbone(x.astype(self.dtype), train=train)
-    x = nn.Dropout(self.dropout, deterministic=not train)(features)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    features = self.backbone(x.astype(self.dtype), train=train and self.backbone_bn_train)
+    logits = Head(self.num_classes, tuple(self.head_hidden), self.dropout, self.dtype,
+                  name="head")(features, train=train)
     return logits.astype(jnp.float32)

@@ -1,0 +1,105 @@
+"""Transfer learning: start a run from another workdir's backbone (`init_from = DIR`).
+
+DIR is any jaxcls workdir: a finished run, or weights converted with
+`python -m jaxcls.pretrained import`. The new run takes the source's backbone
+parameters and batch-norm statistics, and its input normalization (a backbone only
+works on inputs normalized the way it was trained), and puts a fresh head on top for
+its own classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxcls import checkpoint
+from jaxcls import config as config_lib
+
+log = logging.getLogger("jaxcls")
+
+# Keys that describe the backbone and its input: the new run takes them from the source.
+_ADOPTED_KEYS = ("widths", "input_mean", "input_std")
+
+
+@dataclasses.dataclass
+class Source:
+  """A loaded source workdir: its config, class names and variables (host arrays)."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  class_names: tuple[str, ...]
+  variables: dict
+
+
+def load_source(workdir: str) -> Source:
+  """Reads the latest checkpoint of `workdir` (ConfigError if it has none)."""
+  from jaxcls.predict import Predictor  # Rebuilds any workdir's model from its meta.
+  try:
+    predictor = Predictor.from_workdir(workdir)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(
+        f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir, "
+        "or import weights first: python -m jaxcls.pretrained import --arch resnet50 "
+        f"--weights FILE --out {workdir}") from None
+  mngr = checkpoint.manager(workdir, read_only=True)
+  meta = checkpoint.restore_meta(mngr, predictor.step)
+  mngr.close()
+  return Source(workdir, config_lib.from_dict(meta["config"]), predictor.class_names,
+                jax.device_get(predictor.variables))
+
+
+def adopt_source_model(config: ml_collections.ConfigDict,
+                       source: Source) -> ml_collections.ConfigDict:
+  """A copy of `config` with the source's backbone shape and input normalization."""
+  if config.model.name != source.config.model.name:
+    raise config_lib.ConfigError(
+        f"init_from='{source.workdir}' holds a {source.config.model.name} backbone, but "
+        f"model.name is '{config.model.name}'. Set "
+        f"--config.model.name={source.config.model.name}, or start from another workdir.")
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key in _ADOPTED_KEYS:
+    mine, theirs = tuple(config.model[key]), tuple(source.config.model[key])
+    if mine != theirs:
+      if key != "widths" or config.model.name == "cnn":  # Only the cnn has widths.
+        log.info("init_from: model.%s=%s from the source (the config said %s).", key,
+                 _short(theirs), _short(mine))
+      config.model[key] = theirs
+  return config
+
+
+def _short(values: tuple) -> str:
+  return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def _check_same_shapes(name: str, target: Any, source: Any, workdir: str) -> None:
+  want = jax.tree.map(np.shape, target)
+  have = jax.tree.map(np.shape, source)
+  if want != have:
+    raise config_lib.ConfigError(
+        f"The backbone {name} in init_from='{workdir}' do not fit this model "
+        f"(shapes {have} vs {want}). Use the same model.name and model.widths as the "
+        "source run.")
+
+
+def transplant_backbone(state: Any, source: Source) -> Any:
+  """`state` with the source's backbone params and batch stats and fresh optimizer state.
+
+  The head keeps its fresh initialization; its shape follows this run's classes.
+  """
+  params = {**state.params, "backbone": source.variables["params"]["backbone"]}
+  _check_same_shapes("parameters", state.params["backbone"], params["backbone"],
+                     source.workdir)
+  batch_stats = state.batch_stats
+  if "backbone" in (batch_stats or {}):
+    batch_stats = {**batch_stats,
+                   "backbone": source.variables["batch_stats"]["backbone"]}
+    _check_same_shapes("batch-norm statistics", state.batch_stats["backbone"],
+                       batch_stats["backbone"], source.workdir)
+  log.info("init_from: backbone from '%s' (trained on %d classes); new head for this "
+           "run.", source.workdir, len(source.class_names))
+  return state.replace(params=params, batch_stats=batch_stats,
+                       opt_state=jax.jit(state.tx.init)(params))

@@ -1,0 +1,14 @@
+"""Each ResNet trains one step on 8 devices with synchronised batch norm.
+
+Kept apart from test_models.py: compiling a ResNet training step takes 20-30 s of CPU
+time each on a small machine.
+"""
+
+import pytest
+
+from model_utils import check_synchronised_step
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_resnet_trains_a_synchronised_step_on_8_devices(name):
+  check_synchronised_step(name)
