@@ -152,3 +152,21 @@ def check_same_everywhere(data: bytes, message: str) -> None:
   everywhere = multihost_utils.process_allgather(digest)
   if not (everywhere == digest).all():
     raise DistributedError(message)
+
+
+def signal_anywhere(received: str | None, sync_point: bool) -> str | None:
+  """The stop signal (e.g. "SIGTERM") to act on at this step, the same on every process.
+
+  One process alone: its own `received`, at once. Several: only at `sync_point` steps,
+  which every process reaches together, the first signal any process received; a
+  process that stopped alone would leave the others waiting in a collective.
+  """
+  if jax.process_count() == 1:
+    return received
+  if not sync_point:
+    return None
+  from jax.experimental import multihost_utils
+  names = ("", "SIGTERM", "SIGINT")
+  code = np.int32(names.index(received) if received in names else (1 if received else 0))
+  everywhere = np.asarray(multihost_utils.process_allgather(code)).ravel()
+  return names[int(everywhere.max())] or None

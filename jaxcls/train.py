@@ -551,8 +551,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
         periodic = bool(every) and done % every == 0
-        if (done % config.train.log_every_steps and not end_of_epoch and not periodic
-            and not signals.received):
+        sync_point = not (done % config.train.log_every_steps) or end_of_epoch or periodic
+        # Several processes must save and stop at the same step: they agree on signals
+        # at log intervals (one signal to any host stops them all there).
+        received = distributed.signal_anywhere(signals.received, sync_point)
+        if not sync_point and not received:
           continue
         # One device→host transfer per log interval or save, not per step.
         rows = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
@@ -589,7 +592,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"train loss {last['train_loss']:.4f} "
                       f"acc {last['train_accuracy']:.4f}  "
                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
-        if end_of_epoch or periodic or signals.received:
+        if end_of_epoch or periodic or received:
           state = unreplicate(replicated)
           if not bool(_all_finite((state.params, state.batch_stats))):
             raise _diverged("the parameters became NaN or infinite", done, workdir, config)
@@ -597,8 +600,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "config": config.to_dict(), "class_names": list(dataset.class_names),
               "epoch": done // steps_per_epoch, "step": done, "metrics": last,
               "progress": progress}, val_accuracy=val["accuracy"] if val else None)
-        if signals.received:
-          stop_reason = signals.received
+        if received:
+          stop_reason = received
           break
         if end_of_epoch and _patience_ran_out(progress, config, epoch):
           stop_reason = "early_stopping"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -82,7 +83,7 @@ class Run:
           command + extra, cwd=ROOT, env=subprocess_env(devices, cache_dir),
           stdout=log, stderr=subprocess.STDOUT))
 
-  def finish(self, deadline: float) -> list[str]:
+  def finish(self, deadline: float, exit_code: int = 0) -> list[str]:
     """Waits until `deadline` (time.monotonic()); returns each process's output."""
     try:
       for proc in self.procs:
@@ -100,7 +101,7 @@ class Run:
       outputs.append(log.read())
       log.close()
     codes = [proc.returncode for proc in self.procs]
-    assert codes == [0] * len(codes), f"{self.workdir}: exit codes {codes}\n" + "\n".join(
+    assert codes == [exit_code] * len(codes), f"{self.workdir}: exit codes {codes}\n" + "\n".join(
         f"--- process {i} ---\n{text[-4000:]}" for i, text in enumerate(outputs))
     return outputs
 
@@ -314,6 +315,39 @@ def test_main_process_first_and_the_same_data_check_across_processes(tmp_path):
         proc.wait()
   assert [proc.returncode for proc in procs] == [0, 0], outputs
   assert all("raised: lists differ" in out for out in outputs), outputs
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path,
+                                                                      shapes_dir):
+  config = multihost_config(shapes_dir, num_epochs=30)  # 180 steps: far more than needed.
+  workdir = str(tmp_path / "signalled")
+  run = Run(write_config_file(str(tmp_path), config), workdir,
+            str(tmp_path / "compile_cache"), processes=2, devices=2)
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while time.monotonic() < deadline and all(p.poll() is None for p in run.procs):
+      try:
+        if rows(workdir, "train"):  # The loop runs: its signal handlers are in place.
+          break
+      except (OSError, ValueError):  # Not written yet, or a line half written.
+        pass
+      time.sleep(0.2)
+    run.procs[1].send_signal(signal.SIGTERM)  # Process 1 only, as a preempted host.
+    outputs = run.finish(deadline, exit_code=128 + signal.SIGTERM)
+  finally:
+    for proc in run.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert "Stopped by SIGTERM" in outputs[0]
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    step = mngr.latest_step()
+  finally:
+    mngr.close()
+  # Both stopped at a log interval, where they agree, and saved there together.
+  assert step < 30 * 6 and step % config.train.log_every_steps == 0
+  assert rows(workdir, "train")[-1]["step"] == step
 
 
 # ---------------------------------------------------------------------------------------
