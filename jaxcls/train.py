@@ -467,8 +467,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = distributed.on_main_process_first(lambda: sources.build_dataset(
       config.data, config.seed, workdir, _workers(config)))
   distributed.check_same_everywhere(
-      _dataset_fingerprint(dataset), "The processes see different data sets (their file "
-      "lists differ). Give every host the same data.source, e.g. on a shared file system.")
+      _dataset_fingerprint(dataset), "The processes see different data sets (their "
+      "file lists differ). Give every host the same data.source, e.g. on a shared "
+      "file system.")
   steps_per_epoch = len(dataset.train) // config.batch_size
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(

@@ -101,8 +101,9 @@ class Run:
       outputs.append(log.read())
       log.close()
     codes = [proc.returncode for proc in self.procs]
-    assert codes == [exit_code] * len(codes), f"{self.workdir}: exit codes {codes}\n" + "\n".join(
-        f"--- process {i} ---\n{text[-4000:]}" for i, text in enumerate(outputs))
+    tails = "\n".join(f"--- process {i} ---\n{text[-4000:]}"
+                      for i, text in enumerate(outputs))
+    assert codes == [exit_code] * len(codes), f"{self.workdir}: exit codes {codes}\n{tails}"
     return outputs
 
 
@@ -269,7 +270,8 @@ def test_checkpoint_from_two_processes_resumes_in_one(runs):
 
 def test_checkpoint_from_one_process_resumes_in_two(runs):
   main_output, _ = runs.single_then_multi_output
-  assert f"Resumed from step {runs.steps_per_epoch}" in main_output and "Done: epoch 2" in main_output
+  assert f"Resumed from step {runs.steps_per_epoch}" in main_output
+  assert "Done: epoch 2" in main_output
   val = rows(runs.single_then_multi, "val")
   assert [r["step"] for r in val] == [runs.steps_per_epoch, 2 * runs.steps_per_epoch]
   other = rows(runs.multi_then_single, "val")
