@@ -11,6 +11,7 @@ from PIL import Image
 from tensorflow_datasets.core.features import image_feature
 
 from jaxcls import train
+from jaxcls.data import inspect as inspect_lib
 from jaxcls.data import loader, preprocess, sources
 
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
@@ -47,6 +48,9 @@ def test_tfds_records_are_encoded_bytes_through_the_one_preprocess(mock_cats_vs_
   record = dataset.train[3]
   assert isinstance(record["data"], bytes)  # SkipDecoding: no TFDS-side decode.
   assert record["label"] in (0, 1)
+  assert dataset.train.labels[3] == record["label"] and len(dataset.train.labels) == 32
+  summary = inspect_lib.summarize(dataset)
+  assert summary["train_size"] == 32 and sum(summary["train_per_class"].values()) == 32
   batch = next(loader.train_batches(dataset.train, batch_size=8, image_size=16, seed=0,
                                     num_steps=1))
   first = loader.grain.MapDataset.range(len(dataset.train)).shuffle(seed=0)[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -197,6 +198,16 @@ class TfdsSource:
   @property
   def identity(self) -> str:
     return _digest(["tfds", self.name, self.split, self.data_dir, len(self)])
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    """Record names, like FileSource.paths (for listings and fingerprints)."""
+    return tuple(f"{self.split}[{i}]" for i in range(len(self)))
+
+  @functools.cached_property
+  def labels(self) -> tuple[int, ...]:
+    """Every record's label; reads each record once (TFDS stores labels with images)."""
+    return tuple(int(self.records[i][self.label_key]) for i in range(len(self)))
 
 
 @dataclasses.dataclass(frozen=True)
