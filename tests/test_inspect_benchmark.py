@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 from PIL import Image
 
 from jaxcls import benchmark

@@ -104,19 +104,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from jaxcls.data import sources  # pylint: disable=import-outside-toplevel
   from jaxcls.data.preprocess import ImageError  # pylint: disable=import-outside-toplevel
-  config = _FLAGS['config'].value
-  workdir = _FLAGS['workdir'].value or tempfile.mkdtemp(prefix="jaxcls-inspect-")
+  config = _FLAGS["config"].value
+  workdir = _FLAGS["workdir"].value or tempfile.mkdtemp(prefix="jaxcls-inspect-")
   try:
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     dataset = sources.build_dataset(config.data, config.seed, workdir)
     summary = summarize(dataset, workdir)
-    images, labels = augmented_examples(dataset, config, _FLAGS['num'].value)
+    images, labels = augmented_examples(dataset, config, _FLAGS["num"].value)
   except (config_lib.ConfigError, sources.DataError, ImageError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  write_grid(images, labels, dataset.class_names, _FLAGS['out'].value)
-  summary["grid"] = os.path.abspath(_FLAGS['out'].value)
+  write_grid(images, labels, dataset.class_names, _FLAGS["out"].value)
+  summary["grid"] = os.path.abspath(_FLAGS["out"].value)
   print(json.dumps(summary, indent=2))
 
 

@@ -466,8 +466,11 @@ def build_tfds(name: str, data_config) -> Dataset:
   try:
     records = [open_split(s) for s in (data_config.train_split, data_config.val_split)]
   except (NotImplementedError, AssertionError, FileNotFoundError) as e:
-    if builder.is_prepared() and "array_record" in str(builder.info.file_format).lower():
-      raise DataError(f"TFDS '{name}' could not be opened: {e}") from None
+    if builder.is_prepared():  # E.g. prepared earlier as TFRecord by tfds.load.
+      raise DataError(
+          f"TFDS '{name}' in {builder.data_dir} cannot be read by random access ({e}). "
+          "jaxcls needs it prepared as ArrayRecord: set data.tfds_data_dir to an empty "
+          "folder (or delete that one) and it is prepared again.") from None
     prepare_tfds(builder, name)
     records = [open_split(s) for s in (data_config.train_split, data_config.val_split)]
   except ValueError as e:  # A split TFDS does not know, or bad slicing syntax.
