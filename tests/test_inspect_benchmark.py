@@ -13,10 +13,10 @@ def test_summary_counts_and_grid(shapes_dir, make_config, tmp_path):
   config = make_config("folder:" + shapes_dir)
   dataset = sources.build_dataset(config.data, config.seed, str(tmp_path))
   summary = inspect_lib.summarize(dataset, str(tmp_path))
-  assert summary["classes"] == ["circle", "square"]
-  assert summary["train_size"] + summary["val_size"] == 120
+  assert summary["classes"] == ["disc", "stripes"]
+  assert summary["train_size"] + summary["val_size"] == 132
   assert sum(summary["train_per_class"].values()) == summary["train_size"]
-  assert summary["train_per_class"]["circle"] == dataset.train.labels.count(0)
+  assert summary["train_per_class"]["disc"] == dataset.train.labels.count(0)
   assert summary["skipped"] == 0
   images, labels = inspect_lib.augmented_examples(dataset, config, 6)
   assert images.shape == (6, 16, 16, 3) and len(labels) == 6

@@ -11,7 +11,7 @@ from jaxcls.data import cache, loader, preprocess, sources
 @pytest.fixture
 def shapes_source(shapes_dir):
   source, _ = sources.list_folder(shapes_dir)
-  return source  # 120 images, labels 0 then 1.
+  return source  # 132 images, labels 0 then 1.
 
 
 def _labels_and_pixels(batches):
@@ -46,17 +46,17 @@ def test_every_epoch_is_a_fresh_shuffle_without_repeats(shapes_source):
 
 def test_eval_batches_cover_everything_once_and_mask_the_padding(shapes_source):
   batches = list(loader.eval_batches(shapes_source, batch_size=32, image_size=16))
-  assert len(batches) == 4  # 120 = 3 * 32 + 24.
+  assert len(batches) == 5  # 132 = 4 * 32 + 4.
   masks = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
-  assert masks.sum() == 120 and not masks[120:].any()
-  np.testing.assert_array_equal(labels[:120], shapes_source.labels)
+  assert masks.sum() == 132 and not masks[132:].any()
+  np.testing.assert_array_equal(labels[:132], shapes_source.labels)
 
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
 def test_cache_serves_the_same_pixels_and_decodes_each_image_once(
     shapes_source, kind, tmp_path, monkeypatch):
-  kwargs = dict(batch_size=16, image_size=16, seed=2, num_steps=14, workers=2)
+  kwargs = dict(batch_size=16, image_size=16, seed=2, num_steps=16, workers=2)
   plain = _labels_and_pixels(loader.train_batches(shapes_source, **kwargs))
   calls = []
   real = preprocess.load_image
@@ -64,11 +64,11 @@ def test_cache_serves_the_same_pixels_and_decodes_each_image_once(
                       lambda src, size: calls.append(1) or real(src, size))
   cached = cache.cached(shapes_source, kind, 16, str(tmp_path))
   first_epoch = _labels_and_pixels(loader.train_batches(cached, **{**kwargs,
-                                                                   "num_steps": 7}))
+                                                                   "num_steps": 8}))
   decoded_in_epoch_one = len(calls)
-  assert decoded_in_epoch_one == 7 * 16  # 112 of the 120 images seen once.
-  rest = _labels_and_pixels(loader.train_batches(cached, start_step=7, **kwargs))
-  assert len(calls) - decoded_in_epoch_one <= 120 - 112  # Only the 8 not seen yet.
+  assert decoded_in_epoch_one == 8 * 16  # 128 of the 132 images seen once.
+  rest = _labels_and_pixels(loader.train_batches(cached, start_step=8, **kwargs))
+  assert len(calls) - decoded_in_epoch_one <= 132 - 128  # Only the 4 not seen yet.
   for (la, ia), (lb, ib) in zip(plain, first_epoch + rest):
     np.testing.assert_array_equal(la, lb)
     np.testing.assert_array_equal(ia, ib)

@@ -105,15 +105,15 @@ def _broken() -> dict[str, bytes]:
 
 @pytest.fixture
 def mixed_dir(tmp_path, shapes_dir):
-  """shapes (circle/, square/) plus every odd-but-good and every broken kind."""
+  """shapes (disc/, stripes/) plus every odd-but-good and every broken kind."""
   root = tmp_path / "mixed"
   shutil.copytree(shapes_dir, root)
   for name, data in _odd_but_good().items():
-    (root / "circle" / name).write_bytes(data)
+    (root / "disc" / name).write_bytes(data)
   for name, data in _broken().items():
-    (root / "square" / name).write_bytes(data)
-  (root / "square" / "Thumbs.db").write_bytes(b"\0" * 100)  # Not an image name.
-  (root / "circle" / "notes.txt").write_text("ignored")
+    (root / "stripes" / name).write_bytes(data)
+  (root / "stripes" / "Thumbs.db").write_bytes(b"\0" * 100)  # Not an image name.
+  (root / "disc" / "notes.txt").write_text("ignored")
   return str(root)
 
 
@@ -150,7 +150,7 @@ def test_broken_files_are_listed_exactly_and_training_runs(mixed_dir, make_confi
   listed = {os.path.basename(p) for p in dataset.train.paths + dataset.val.paths}
   assert set(_odd_but_good()) <= listed
   assert not listed & (set(_broken()) | {"Thumbs.db", "notes.txt"})
-  assert len(listed) == 120 + len(_odd_but_good())
+  assert len(listed) == 132 + len(_odd_but_good())
 
 
 def test_verification_is_cached_by_size_and_mtime(mixed_dir, make_config, tmp_path,
@@ -164,7 +164,7 @@ def test_verification_is_cached_by_size_and_mtime(mixed_dir, make_config, tmp_pa
   second = sources.build_dataset(config.data, config.seed, str(tmp_path))
   assert calls == []  # Nothing decoded again.
   assert second.skipped == first.skipped and second.train.paths == first.train.paths
-  changed = os.path.join(mixed_dir, "square", "text.jpg")
+  changed = os.path.join(mixed_dir, "stripes", "text.jpg")
   with open(changed, "wb") as f:
     f.write(_png(Image.new("RGB", (20, 20), BLUE)))  # Now readable, new size and mtime.
   third = sources.build_dataset(config.data, config.seed, str(tmp_path))
@@ -206,7 +206,7 @@ def test_zip_gives_the_same_examples_and_classes_as_the_folder(mixed_dir, make_c
   folder = sources.build_dataset(config.data, config.seed, str(tmp_path / "a"))
   config.data.source = "zip:" + archive
   zipped = sources.build_dataset(config.data, config.seed, str(tmp_path / "b"))
-  assert zipped.class_names == folder.class_names == ("circle", "square")
+  assert zipped.class_names == folder.class_names == ("disc", "stripes")
   for split in ("train", "val"):
     a, b = getattr(folder, split), getattr(zipped, split)
     assert a.paths == b.paths and a.labels == b.labels

@@ -284,6 +284,12 @@ def list_folder(root: str) -> tuple[FileSource, tuple[str, ...]]:
     files.extend(parts + [f] for f in filenames)
   prefix, found, class_names = index_classes(files, root)
   class_root = os.path.join(root, *prefix)
+  for name in sorted(os.listdir(class_root)):
+    if (name not in class_names and _visible([name])
+        and os.path.isdir(os.path.join(class_root, name))):
+      raise DataError(f"Class folder '{os.path.join(class_root, name)}' holds no images "
+                      f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}). Add images "
+                      "or remove the folder.")
   paths = tuple(path for path, _, _ in found)
   stamps = []
   for path in paths:
