@@ -19,6 +19,9 @@ Prints one JSON object:
 `--jpegs N` writes N photo-like 500x375 JPEGs per class into the workdir and uses them
 (instead of the config's source), so the figures can be reproduced offline.
 
+`python -m jaxcls.benchmark predict [--workdir DIR ...]` runs the prediction benchmark
+instead (cold start, warm latency, throughput; see jaxcls/predict_benchmark.py).
+
 Each figure is one function registered in FIGURES: `figure(bench) -> dict`. Another
 module adds its own with `register("name")` and is picked with `--figures name`.
 """
@@ -301,7 +304,13 @@ def main(argv):
   sys.stdout.flush()
 
 
+# Benchmarks with their own command line: `python -m jaxcls.benchmark NAME [ARGS]`.
+SUBCOMMANDS = {"predict": "jaxcls.predict_benchmark"}
+
 if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    import importlib  # pylint: disable=import-outside-toplevel
+    sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
   _FLAGS.update(define_flags())
   flags.mark_flags_as_required(["config"])
   app.run(main)
