@@ -12,6 +12,10 @@ Which checkpoints stay: the last `keep`, plus the one with the best validation a
 (ties go to the earlier step), which is never rotated away. Mid-epoch checkpoints carry
 no validation accuracy and are never "best".
 
+With several processes every process calls `save` and `restore_state` (Orbax
+coordinates them; one process writes each array), and the workdir must be on storage
+every host can see. The process count may change between saving and restoring.
+
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
 crash during a save leaves the previous checkpoint as the latest; leftover temporary
 folders are removed the next time a writable manager opens the folder.
@@ -72,7 +76,33 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   if val_accuracy is not None:
     metrics["val_accuracy"] = float(val_accuracy)
   mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      state=ocp.args.StandardSave(global_state(state)), meta=ocp.args.JsonSave(meta)))
+
+
+def _replicated_everywhere() -> jax.sharding.NamedSharding:
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def global_state(state: Any) -> Any:
+  """With several processes, makes each array one array replicated on every device.
+
+  An unreplicated train state holds host arrays (or arrays on one local device) in
+  each process; Orbax refuses to save host-local jax.Arrays in a multi-process run,
+  because it cannot tell that they are equal everywhere. The train state is equal on
+  every process (its updates are averaged over all devices), so each process
+  contributes its own copy to one fully replicated global array.
+  """
+  if jax.process_count() == 1:
+    return state
+  sharding = _replicated_everywhere()
+
+  def to_global(x):
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      return x
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(to_global, state)
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -97,16 +127,26 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
-  """Restores `state` into the structure, shapes and dtypes of `target` (host arrays)."""
+  """Restores `state` into the structure, shapes and dtypes of `target` (host arrays).
+
+  With several processes the arrays are read as global replicated arrays (the form
+  Orbax restores across processes) and handed back as this process's local copy.
+  """
   device = jax.local_devices()[0]
+  multi = jax.process_count() > 1
 
   def abstract(x):
     if not hasattr(x, "shape"):  # A Python scalar, such as a fresh state's step.
       x = np.asarray(x)
-    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
+    if multi:
+      sharding = _replicated_everywhere()
+    else:
+      sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   abstract = jax.tree.map(abstract, target)
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  return restored["state"]
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  if multi:
+    restored = jax.tree.map(lambda x: x.addressable_data(0), restored)
+  return restored

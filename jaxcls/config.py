@@ -29,11 +29,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""
 
   c.data = ml_collections.ConfigDict()
-  # "folder:PATH" (class subfolders) or "generated:shapes" (drawn on the fly).
+  # "tfds:NAME" (TensorFlow Datasets), "folder:PATH" (class subfolders), "zip:PATH"
+  # (class folders inside a .zip, read in place) or "generated:shapes" (drawn on the fly).
   c.data.source = ""
   c.data.image_size = 64
-  c.data.val_fraction = 0.2
+  c.data.val_fraction = 0.2  # folder:, zip:, generated: (split by a hash of the path).
+  c.data.train_split = "train"  # tfds: only, TFDS split syntax, e.g. "train[:80%]".
+  c.data.val_split = "validation"  # tfds: only, e.g. "train[80%:]".
+  c.data.tfds_data_dir = ""  # tfds: only; "" = TFDS's default (~/tensorflow_datasets).
   c.data.workers = 0  # Decode threads; 0 = one per CPU core.
+  # Decoded, resized uint8 images kept after their first decode: "none", "memory" or
+  # "disk" (WORKDIR/cache/, reused by later runs), so later epochs decode no JPEG.
+  c.data.cache = "none"
   c.data.generated_per_class = 300  # For "generated:" sources only.
 
   c.augment = ml_collections.ConfigDict()
@@ -142,6 +149,11 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(8 <= c.data.image_size <= 4096, "data.image_size", "use 8 to 4096 pixels")
   need(0.0 < c.data.val_fraction < 1.0, "data.val_fraction", "use a fraction in (0, 1)")
   need(c.data.workers >= 0, "data.workers", "use 0 (one per core) or a positive count")
+  need(c.data.cache in ("none", "memory", "disk"), "data.cache",
+       "use 'none', 'memory' or 'disk'")
+  if c.data.source.startswith("tfds:"):
+    need(bool(c.data.train_split), "data.train_split", "name a TFDS split, e.g. train[:80%]")
+    need(bool(c.data.val_split), "data.val_split", "name a TFDS split, e.g. train[80%:]")
   need(len(c.augment.scale) == 2 and 0 < c.augment.scale[0] <= c.augment.scale[1],
        "augment.scale", "give (min_zoom, max_zoom) with 0 < min <= max")
   need(0.0 <= c.augment.rotation <= 180.0, "augment.rotation", "use 0 to 180 degrees")

@@ -22,6 +22,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-host: run the same command on every host (see the README's multi-host section).
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Start JAX's distributed runtime: auto = when the flags below are given or the "
+    "environment is a multi-process SLURM/MPI job or TPU slice; on = always (JAX "
+    "auto-detects what is not given, e.g. on a Compute Engine TPU slice); off = never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, the same on every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..N-1.")
 
 
 def main(argv):
@@ -33,12 +43,22 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   xla_flags.set_default_xla_flags()  # Before JAX starts a backend.
   _enable_compilation_cache()
-  from jaxcls import train  # Imports JAX only after flags are parsed.
+  from jaxcls import distributed  # Imports JAX only after flags are parsed.
+  from jaxcls import train
   from jaxcls.data import sources
   from jaxcls.data.preprocess import ImageError
   try:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if not distributed.is_main_process():
+    logging.getLogger("jaxcls").setLevel(logging.WARNING)  # Process 0 tells the story.
+  try:
     _, final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, sources.DataError, train.WorkdirError, ImageError) as e:
+  except (config_lib.ConfigError, sources.DataError, train.WorkdirError, ImageError,
+          distributed.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.TrainingDivergedError as e:
@@ -46,6 +66,8 @@ def main(argv):
     sys.exit(3)
   if final.get("stop_reason", "").startswith("SIG"):
     _exit_after_signal(final)
+  if not distributed.is_main_process():
+    return  # Process 0 reports how the run ended.
   if final.get("stop_reason") == "early_stopping":
     print(f"Stopped early at step {final['final_step']}: validation accuracy had not "
           f"improved for {_CONFIG.value.train.early_stopping_patience} epoch(s).")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxcls import checkpoint
 from jaxcls import config as config_lib
+from jaxcls import distributed
 from jaxcls import metrics as metrics_lib
 from jaxcls import optim
 from jaxcls import transfer
@@ -189,7 +190,8 @@ def evaluate(state: TrainState, source, config: ml_collections.ConfigDict,
              devices=None) -> dict:
   """Loss and accuracy over every example of `source` (exact: padding is masked)."""
   devices = devices or jax.local_devices()
-  p_eval_step = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+  p_eval_step = jax.pmap(eval_step, axis_name=AXIS,
+                         devices=distributed.pmap_devices(devices))
   return _evaluate(p_eval_step, replicate(state, devices), source,
                    config, devices)
 
@@ -218,6 +220,11 @@ def _check_devices(config, devices) -> None:
         f"batch_size={config.batch_size} does not divide by the {total} devices in use. "
         f"Use a multiple of {total}, e.g. --config.batch_size={max(lower, total)} "
         f"or {lower + total}.")
+
+
+def _dataset_fingerprint(dataset: sources.Dataset) -> bytes:
+  return json.dumps([dataset.train.paths, dataset.train.labels, dataset.val.paths,
+                     dataset.val.labels, dataset.class_names]).encode()
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -407,7 +414,8 @@ def _pmap_train_step(config, devices, *, freeze_backbone: bool):
                         scale=tuple(config.augment.scale),
                         label_smoothing=config.train.label_smoothing,
                         freeze_backbone=freeze_backbone),
-      axis_name=AXIS, devices=devices, in_axes=(0, 0, None), donate_argnums=(0,))
+      axis_name=AXIS, devices=distributed.pmap_devices(devices), in_axes=(0, 0, None),
+      donate_argnums=(0,))
 
 
 def _log_model(config, state: TrainState, num_classes: int, num_devices: int,
@@ -455,7 +463,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = _prepare_workdir(workdir)
   is_main = jax.process_index() == 0
 
-  dataset = sources.build_dataset(config.data, config.seed, workdir, _workers(config))
+  # Process 0 first: it draws generated data and writes the caches the others then read.
+  dataset = distributed.on_main_process_first(lambda: sources.build_dataset(
+      config.data, config.seed, workdir, _workers(config)))
+  distributed.check_same_everywhere(
+      _dataset_fingerprint(dataset), "The processes see different data sets (their "
+      "file lists differ). Give every host the same data.source, e.g. on a shared "
+      "file system.")
   steps_per_epoch = len(dataset.train) // config.batch_size
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(
@@ -505,7 +519,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Compiled on first use: the frozen phase backpropagates through the head only.
   p_frozen_step = _pmap_train_step(config, devices, freeze_backbone=True)
   frozen_for = optim.frozen_steps(config, steps_per_epoch)
-  p_eval_step = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+  p_eval_step = jax.pmap(eval_step, axis_name=AXIS,
+                         devices=distributed.pmap_devices(devices))
   schedule = optim.learning_rate_schedule(config.optim, steps_per_epoch, config.num_epochs)
 
   batches = loader.prefetch_to_devices(loader.train_batches(
@@ -537,8 +552,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
         periodic = bool(every) and done % every == 0
-        if (done % config.train.log_every_steps and not end_of_epoch and not periodic
-            and not signals.received):
+        sync_point = not (done % config.train.log_every_steps) or end_of_epoch or periodic
+        # Several processes must save and stop at the same step: they agree on signals
+        # at log intervals (one signal to any host stops them all there).
+        received = distributed.signal_anywhere(signals.received, sync_point)
+        if not sync_point and not received:
           continue
         # One device→host transfer per log interval or save, not per step.
         rows = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
@@ -575,7 +593,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"train loss {last['train_loss']:.4f} "
                       f"acc {last['train_accuracy']:.4f}  "
                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
-        if end_of_epoch or periodic or signals.received:
+        if end_of_epoch or periodic or received:
           state = unreplicate(replicated)
           if not bool(_all_finite((state.params, state.batch_stats))):
             raise _diverged("the parameters became NaN or infinite", done, workdir, config)
@@ -583,8 +601,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "config": config.to_dict(), "class_names": list(dataset.class_names),
               "epoch": done // steps_per_epoch, "step": done, "metrics": last,
               "progress": progress}, val_accuracy=val["accuracy"] if val else None)
-        if signals.received:
-          stop_reason = signals.received
+        if received:
+          stop_reason = received
           break
         if end_of_epoch and _patience_ran_out(progress, config, epoch):
           stop_reason = "early_stopping"

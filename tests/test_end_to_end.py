@@ -143,7 +143,7 @@ def test_bad_inputs_fail_early_with_clear_errors(shapes_dir, tmp_path):
   one_class = tmp_path / "one"
   shutil.copytree(os.path.join(shapes_dir, "disc"), one_class / "disc")
   msg = _error_for(tiny_config(f"folder:{one_class}"), str(tmp_path / "w1"))
-  assert "at least two" in msg and "subfolder" in msg
+  assert "at least two" in msg and "class folder" in msg
 
   empty_class = tmp_path / "empty"
   shutil.copytree(shapes_dir, empty_class)

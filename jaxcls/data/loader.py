@@ -30,12 +30,16 @@ def _load_rows(source, indices: Sequence[int], image_size: int) -> dict:
   images = np.empty((len(indices), image_size, image_size, 3), np.uint8)
   labels = np.empty((len(indices),), np.int32)
   for row, index in enumerate(indices):
-    record = source[int(index)]
+    record = None
     try:
-      images[row] = preprocess.load_image(record["data"], image_size)
+      record = source[int(index)]
+      # A cached source (jaxcls.data.cache) hands back the preprocessed image.
+      images[row] = (record["image"] if "image" in record
+                     else preprocess.load_image(record["data"], image_size))
     except preprocess.ImageError as e:
-      raise preprocess.ImageError(record["path"], e.reason + " (the file changed after "
-                                  "it was verified; run again to re-verify)") from None
+      name = record["path"] if record else e.name
+      raise preprocess.ImageError(name, e.reason + " (the file changed after it was "
+                                  "verified; run again to re-verify)") from None
     labels[row] = record["label"]
   return {"image": images, "label": labels, "mask": np.ones((len(indices),), bool)}
 
