@@ -21,6 +21,8 @@ Prints one JSON object:
 
 `python -m jaxcls.benchmark predict [--workdir DIR ...]` runs the prediction benchmark
 instead (cold start, warm latency, throughput; see jaxcls/predict_benchmark.py).
+`python -m jaxcls.benchmark step --config ...` measures the train step alone: compile
+time, XLA FLOPs per image, GFLOP/s against the CPU's matmul peak (jaxcls/step_benchmark.py).
 
 Each figure is one function registered in FIGURES: `figure(bench) -> dict`. Another
 module adds its own with `register("name")` and is picked with `--figures name`.
@@ -305,7 +307,7 @@ def main(argv):
 
 
 # Benchmarks with their own command line: `python -m jaxcls.benchmark NAME [ARGS]`.
-SUBCOMMANDS = {"predict": "jaxcls.predict_benchmark"}
+SUBCOMMANDS = {"predict": "jaxcls.predict_benchmark", "step": "jaxcls.step_benchmark"}
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:

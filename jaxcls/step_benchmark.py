@@ -1,6 +1,6 @@
 """How fast the train step is, and how close it comes to what the machine can do.
 
-    python -m jaxcls.step_benchmark --config configs/catdog.py [--steps 10] \
+    python -m jaxcls.benchmark step --config configs/catdog.py [--steps 10] \
         [--no-augment] [--config.model.name=resnet18 --config.batch_size=32 ...]
 
 Prints one JSON object: the first step's compile time, XLA's FLOPs per image of the
@@ -229,8 +229,9 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: Sequence[str]) -> dict:
+  """Parses the command line, measures, prints and returns the JSON figures."""
+  argv = list(argv)
   overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
   if args.steps < 1:
@@ -245,7 +246,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return result
 
 
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m jaxcls.step_benchmark ARGS` or `python -m jaxcls.benchmark step ARGS`."""
   from jaxcls.xla_flags import set_default_xla_flags
-  set_default_xla_flags()
-  main()
+  set_default_xla_flags()  # Takes effect only if no JAX backend has started yet.
+  run(sys.argv[1:] if argv is None else argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -97,9 +97,28 @@ def test_cli_prints_json(capsys, make_config, tmp_path):
                     "  c.model.widths = (4,)\n"
                     "  c.batch_size = 8\n"
                     "  return c\n")
-  result = step_benchmark.main(["--config", str(recipe), "--steps", "1", "--warmup", "0",
+  result = step_benchmark.run(["--config", str(recipe), "--steps", "1", "--warmup", "0",
                                 "--matmul-size", "128", "--config.model.dropout=0.0"])
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed["step_images_per_sec"] == result["step_images_per_sec"] > 0
   assert printed["percent_of_peak"] == pytest.approx(
       100 * printed["achieved_gflops"] / printed["matmul_peak_gflops"], abs=0.2)
+
+
+def test_benchmark_step_subcommand_exits_zero_with_json(tmp_path):
+  recipe = tmp_path / "recipe.py"
+  recipe.write_text("from jaxcls.config import base_config\n"
+                    "def get_config():\n"
+                    "  c = base_config()\n"
+                    "  c.data.image_size = 16\n"
+                    "  c.model.widths = (4,)\n"
+                    "  c.batch_size = 8\n"
+                    "  return c\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxcls.benchmark", "step", "--config", str(recipe),
+       "--steps", "1", "--warmup", "0", "--matmul-size", "128"],
+      capture_output=True, text=True, timeout=120, cwd=ROOT,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-2000:]
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert printed["batch_size"] == 8 and printed["step_flops_per_image"] > 0
