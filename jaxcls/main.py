@@ -15,7 +15,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxcls import config as config_lib
-from jaxcls import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file (configs/*.py); override keys with --config.KEY=VALUE.",
@@ -41,7 +40,6 @@ def main(argv):
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  xla_flags.set_default_xla_flags()  # Before JAX starts a backend.
   _enable_compilation_cache()
   from jaxcls import distributed  # Imports JAX only after flags are parsed.
   from jaxcls import train

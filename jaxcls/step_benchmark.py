@@ -248,8 +248,6 @@ def run(argv: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m jaxcls.step_benchmark ARGS` or `python -m jaxcls.benchmark step ARGS`."""
-  from jaxcls.xla_flags import set_default_xla_flags
-  set_default_xla_flags()  # Takes effect only if no JAX backend has started yet.
   run(sys.argv[1:] if argv is None else argv)
   return 0
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxcls import step_benchmark, xla_flags
+from jaxcls import step_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,24 +52,6 @@ def test_matmul_peak_is_a_positive_rate():
   result = step_benchmark.matmul_peak(256, repeats=2)
   assert result["matmul_size"] == 256 and result["matmul_dtype"] == "float32"
   assert 0.01 < result["matmul_peak_gflops"] < 1e5
-
-
-def test_default_xla_flags_only_on_cpu_and_never_over_the_users(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
-  monkeypatch.delenv("JAXCLS_XLA_DEFAULTS", raising=False)
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert xla_flags.set_default_xla_flags(("--xla_a=1", "--xla_b=2")) == "--xla_a=1 --xla_b=2"
-  assert os.environ["XLA_FLAGS"] == "--xla_a=1 --xla_b=2"
-  monkeypatch.setenv("XLA_FLAGS", "--mine")
-  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
-  assert os.environ["XLA_FLAGS"] == "--mine"
-  monkeypatch.delenv("XLA_FLAGS")
-  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("JAXCLS_XLA_DEFAULTS", "off")
-  assert xla_flags.set_default_xla_flags(("--xla_a=1",)) is None
-  assert "XLA_FLAGS" not in os.environ
 
 
 def test_training_cli_fills_the_compilation_cache(tmp_path, shapes_dir):
