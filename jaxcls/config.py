@@ -104,6 +104,11 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return items
 
 
+def flatten(config) -> dict[str, Any]:
+  """{"optim.learning_rate": 0.05, ...}, with lists as tuples so saved and new compare."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(config).items()}
+
+
 def _type_ok(default: Any, value: Any) -> bool:
   if isinstance(default, bool) or isinstance(value, bool):
     return isinstance(default, bool) and isinstance(value, bool)
@@ -142,6 +147,8 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         value = value[part]
       raise ConfigError(f"Config key '{key}' is {value!r}; {what}.")
 
+  from jaxcls.models import BACKBONES  # pylint: disable=import-outside-toplevel
+  need(c.model.name in BACKBONES, "model.name", f"choose one of {sorted(BACKBONES)}")
   need(bool(c.data.source), "data.source",
        "set it, e.g. --config.data.source=folder:/path/to/PetImages")
   need(c.batch_size > 0, "batch_size", "it must be a positive integer")

@@ -143,10 +143,15 @@ def on_main_process_first(build: Callable[[], T]) -> T:
   return result if is_main_process() else build()
 
 
-def check_same_everywhere(data: bytes, message: str) -> None:
-  """Raises DistributedError with `message` unless every process passes equal `data`."""
+def check_same_everywhere(make_data: Callable[[], bytes], message: str) -> None:
+  """Raises DistributedError with `message` unless `make_data()` is equal everywhere.
+
+  `make_data` is called only with several processes (a TFDS fingerprint reads every
+  record).
+  """
   if jax.process_count() == 1:
     return
+  data = make_data()
   from jax.experimental import multihost_utils
   digest = np.frombuffer(hashlib.sha256(data).digest(), np.int32)
   everywhere = multihost_utils.process_allgather(digest)

@@ -86,7 +86,8 @@ def _enable_compilation_cache() -> None:
   from jaxcls import predict
   path = predict.resolve_cache_dir()
   if path:
-    predict.enable_compilation_cache(path)
+    predict.enable_compilation_cache(
+        path, hint="Set JAXCLS_COMPILATION_CACHE=DIR, or =off to turn it off.")
 
 
 def resume_command() -> str:

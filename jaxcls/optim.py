@@ -34,11 +34,6 @@ def leaf_mask(names: Sequence[str]) -> Callable[[Any], Any]:
   return mask
 
 
-def kernel_mask(params: Any) -> Any:
-  """True for weight matrices and conv kernels (leaves named 'kernel')."""
-  return leaf_mask(("kernel",))(params)
-
-
 class _L1State(NamedTuple):
   pass
 
@@ -106,6 +101,20 @@ def _sgd(optim_config, schedule) -> optax.GradientTransformation:
   parts.append(optax.sgd(schedule, momentum=optim_config.momentum or None,
                          nesterov=optim_config.nesterov))
   return optax.chain(*parts)
+
+
+def state_layout(optim_config) -> dict[str, bool]:
+  """The settings that decide the optimizer state's structure (not just its values).
+
+  A checkpoint's optimizer state restores only into the same structure, so a resumed
+  run may not change these.
+  """
+  return {"optim.momentum": optim_config.momentum > 0,
+          "optim.weight_decay": optim_config.weight_decay > 0,
+          "optim.l1": optim_config.l1 > 0,
+          "optim.grad_clip_norm": optim_config.grad_clip_norm > 0,
+          "optim.freeze": optim_config.freeze != "none",
+          "optim.backbone_lr_mult": optim_config.backbone_lr_mult != 1.0}
 
 
 def _group_labels(params: Any) -> dict:

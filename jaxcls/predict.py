@@ -340,7 +340,8 @@ def resolve_cache_dir(flag: str | None = None, disabled: bool = False) -> str | 
   return default_cache_dir()
 
 
-def enable_compilation_cache(path: str) -> str | None:
+def enable_compilation_cache(path: str, hint: str = "Pass --compilation-cache DIR or set "
+                             "JAXCLS_COMPILATION_CACHE=off.") -> str | None:
   """Points JAX's persistent compilation cache at `path`; returns it, or None if unusable.
 
   Must run before the first compilation. Small models compile in well under JAX's
@@ -351,8 +352,8 @@ def enable_compilation_cache(path: str) -> str | None:
     if not os.access(path, os.W_OK):
       raise PermissionError(f"'{path}' is not writable")
   except OSError as e:
-    print(f"warning: compilation cache disabled: cannot use '{path}' ({e}). Pass "
-          "--compilation-cache DIR or set JAXCLS_COMPILATION_CACHE=off.", file=sys.stderr)
+    print(f"warning: compilation cache disabled: cannot use '{path}' ({e}). {hint}",
+          file=sys.stderr)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import re
 import struct
 import sys
@@ -69,12 +70,15 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise WeightsError(f"Tensor '{name}' in '{path}' has dtype {info['dtype']}; "
+    if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
+      raise WeightsError(f"Tensor '{name}' in '{path}' has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
                          f"expected one of {sorted(_SAFETENSORS_DTYPES)}.")
-    begin, end = info["data_offsets"]
-    array = np.frombuffer(body[begin:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-    tensors[name] = array.reshape(info["shape"])
+    try:
+      begin, end = info["data_offsets"]
+      array = np.frombuffer(body[begin:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+      tensors[name] = array.reshape(info["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise WeightsError(f"Tensor '{name}' in '{path}' is malformed ({e}).") from None
   return tensors
 
 
@@ -85,7 +89,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     raise WeightsError(
         f"Reading '{path}' needs PyTorch: pip install 'jaxcls[torch]' (a CPU build is "
         "enough), or convert the file to .safetensors.") from None
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+    raise WeightsError(f"'{path}' cannot be read as a PyTorch state dict ({e}).") from None
   for key in ("state_dict", "model"):  # Training checkpoints wrap the state dict.
     if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
       loaded = loaded[key]

@@ -227,14 +227,10 @@ def _dataset_fingerprint(dataset: sources.Dataset) -> bytes:
                      dataset.val.labels, dataset.class_names]).encode()
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, (list, tuple)) else value
-  return out
+def _value(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
 
 
 def _check_resume_compatible(saved_config: dict, config, saved_classes,
@@ -245,9 +241,7 @@ def _check_resume_compatible(saved_config: dict, config, saved_classes,
   """
   saved = config_lib.from_dict(saved_config)
   for key in STRUCTURE_KEYS:
-    old, new = saved, config
-    for part in key.split("."):
-      old, new = old[part], new[part]
+    old, new = _value(saved, key), _value(config, key)
     if tuple(np.atleast_1d(old)) != tuple(np.atleast_1d(new)):
       raise config_lib.ConfigError(
           f"The workdir holds a run with {key}={old!r}, but the config now says {new!r}. "
@@ -256,7 +250,16 @@ def _check_resume_compatible(saved_config: dict, config, saved_classes,
     raise config_lib.ConfigError(
         f"The workdir holds a run trained on classes {list(saved_classes)}, but the data "
         f"now has {list(classes)}. Use a new --workdir for a different data set.")
-  old, new = _flat(saved.to_dict()), _flat(config.to_dict())
+  old_layout, new_layout = optim.state_layout(saved.optim), optim.state_layout(config.optim)
+  moved = [k for k in old_layout if old_layout[k] != new_layout[k]]
+  if moved:
+    values = ", ".join(f"{k} {_value(saved, k)!r} → {_value(config, k)!r}" for k in moved)
+    raise config_lib.ConfigError(
+        f"The optimizer state in the workdir does not fit the new config ({values}): "
+        "turning momentum, weight decay, L1, clipping, freezing or a backbone rate on or "
+        "off changes its structure. Set the key back to resume, or use a new --workdir "
+        "(with --config.init_from=OLD_WORKDIR to start from its weights).")
+  old, new = config_lib.flatten(saved), config_lib.flatten(config)
   changed = [k for k in sorted(new) if k not in QUIET_KEYS and old.get(k) != new[k]]
   for key in changed:
     log.warning("Resuming with %s=%r; the checkpoint was trained with %r. Continuing "
@@ -328,17 +331,20 @@ def _check_losses(rows: list[dict], done: int, workdir: str, config) -> None:
       raise _diverged(f"the loss was {row['loss']}", step, workdir, config)
 
 
-def _write_error_cause(error: BaseException) -> OSError | None:
-  """The OSError behind `error` that says the disk is full or not writable, if any.
+def _write_error_cause(error: BaseException, workdir: str) -> OSError | None:
+  """The OSError behind `error` that says the workdir is full or not writable, if any.
 
   Orbax's background writes fail with TensorStore errors (a ValueError whose text ends
-  in "[os_error_code='28']"); those are turned back into the OSError they describe.
+  in "[os_error_code='28']"); those are turned back into the OSError they describe. An
+  OSError about a file outside the workdir (say, an unreadable input) is not one.
   """
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-      return error
+      where = error.filename
+      inside = where is None or os.path.abspath(os.fspath(where)).startswith(workdir)
+      return error if inside else None
     code = re.search(r"os_error_code='(\d+)'", str(error))
     if code and int(code.group(1)) in WRITE_ERRNOS:
       return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
@@ -449,10 +455,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     return _train_and_evaluate(config, workdir, devices)
   except Exception as e:
-    cause = _write_error_cause(e)
+    absolute = os.path.abspath(os.path.expanduser(workdir))
+    cause = _write_error_cause(e, absolute)
     if cause is None or isinstance(e, WorkdirError):
       raise
-    raise _write_error(cause, os.path.abspath(os.path.expanduser(workdir))) from e
+    raise _write_error(cause, absolute) from e
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -467,7 +474,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = distributed.on_main_process_first(lambda: sources.build_dataset(
       config.data, config.seed, workdir, _workers(config)))
   distributed.check_same_everywhere(
-      _dataset_fingerprint(dataset), "The processes see different data sets (their "
+      lambda: _dataset_fingerprint(dataset), "The processes see different data sets (their "
       "file lists differ). Give every host the same data.source, e.g. on a shared "
       "file system.")
   steps_per_epoch = len(dataset.train) // config.batch_size

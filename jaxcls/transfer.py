@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -38,6 +39,7 @@ class Source:
 def load_source(workdir: str) -> Source:
   """Reads the latest checkpoint of `workdir` (ConfigError if it has none)."""
   from jaxcls.predict import Predictor  # Rebuilds any workdir's model from its meta.
+  workdir = os.path.expanduser(workdir)
   try:
     predictor = Predictor.from_workdir(workdir)
   except FileNotFoundError as e:

@@ -287,6 +287,12 @@ def test_changed_structure_is_an_error_changed_schedule_a_warning(shapes_dir, re
   with pytest.raises(config_lib.ConfigError, match="classes"):
     train._check_resume_compatible(meta["config"], resume_config(shapes_dir), classes,
                                    ["disc", "stripes", "triangle"])
+  # Settings that change the optimizer state's structure cannot change on resume.
+  for key, value in [("optim.momentum", 0.0), ("optim.grad_clip_norm", 1.0),
+                     ("optim.freeze", "backbone"), ("optim.weight_decay", 0.0)]:
+    changed = resume_config(shapes_dir, **{key: value})
+    with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+      train._check_resume_compatible(meta["config"], changed, classes, classes)
   caplog.set_level(logging.WARNING, logger="jaxcls")
   changed = resume_config(shapes_dir, num_epochs=5, **{"optim.learning_rate": 0.01,
                                                        "data.workers": 1})

@@ -294,9 +294,9 @@ def build():  # Process 0 writes slowly; process 1 must find the file complete.
     return f.read()
 
 assert distributed.on_main_process_first(build) == "complete"
-distributed.check_same_everywhere(b"same", "should not fail")
+distributed.check_same_everywhere(lambda: b"same", "should not fail")
 try:
-  distributed.check_same_everywhere(sys.argv[2].encode(), "lists differ")
+  distributed.check_same_everywhere(lambda: sys.argv[2].encode(), "lists differ")
 except distributed.DistributedError as e:
   print("raised:", e)
 """

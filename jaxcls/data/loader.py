@@ -58,7 +58,7 @@ def train_batches(source, *, batch_size: int, image_size: int, seed: int, num_st
     return _load_rows(source, [order[i] for i in range(first, first + local)], image_size)
 
   steps = grain.MapDataset.range(start_step, num_steps).map(batch_for_step)
-  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * workers)
+  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=min(2 * workers, 16))
   return iter(steps.to_iter_dataset(options))
 
 
@@ -84,7 +84,7 @@ def eval_batches(source, *, batch_size: int, image_size: int, workers: int = 1,
     return rows
 
   batches = grain.MapDataset.range(num_batches).map(batch_at)
-  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * workers)
+  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=min(2 * workers, 16))
   return iter(batches.to_iter_dataset(options))
 
 

@@ -348,6 +348,8 @@ def _check_one(source, index: int, size: int) -> str | None:
     return None
   except preprocess.ImageError as e:
     return e.reason
+  except OSError as e:  # An unreadable file (permissions, I/O error) is skipped too.
+    return f"cannot read: {e.strerror or e}"
 
 
 def verify_files(source, image_size: int, workdir: str | None, workers: int
@@ -544,7 +546,6 @@ def _generated_folder(arg: str, data_config, workdir: str | None, seed: int) -> 
 # ---------------------------------------------------------------------------------------
 # Building the data set.
 
-SOURCE_KINDS = ("tfds", "folder", "zip", "generated")
 
 
 def list_source(spec: str, data_config, workdir: str | None, seed: int):
