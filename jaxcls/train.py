@@ -487,9 +487,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
            list(dataset.class_names), len(dataset.train), len(dataset.val),
            len(dataset.skipped))
 
-  source = transfer.load_source(config.init_from) if config.init_from else None
-  if source:
-    config = transfer.adopt_source_model(config, source)
+  mngr = checkpoint.manager(workdir, config.checkpoint.keep,
+                            async_save=config.checkpoint.async_save)
+  meta = checkpoint.restore_meta(mngr) if mngr.latest_step() is not None else None
+  source = None
+  if config.init_from and meta is not None:
+    # Resuming: the run's own checkpoint holds the backbone; init_from is not read again.
+    config = transfer.adopt_source_model(
+        config, config_lib.from_dict(meta["config"]), config.init_from)
+  elif config.init_from:
+    source = transfer.load_source(config.init_from)
+    config = transfer.adopt_source_model(config, source.config, source.workdir)
   model = create_model(config.model, len(dataset.class_names), axis_name=AXIS,
                        backbone_bn_train=config.optim.freeze != "backbone")
   init_rng, train_rng = jax.random.split(root_key(config.seed))
@@ -497,11 +505,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _log_model(config, state, len(dataset.class_names), len(devices) * jax.process_count(),
              num_steps)
 
-  mngr = checkpoint.manager(workdir, config.checkpoint.keep,
-                            async_save=config.checkpoint.async_save)
   last, progress = {}, _new_progress()
-  if mngr.latest_step() is not None:
-    meta = checkpoint.restore_meta(mngr)
+  if meta is not None:
     _check_resume_compatible(meta["config"], config, meta["class_names"],
                              dataset.class_names)
     state = checkpoint.restore_state(mngr, mngr.latest_step(), state)

@@ -55,16 +55,21 @@ def load_source(workdir: str) -> Source:
 
 
 def adopt_source_model(config: ml_collections.ConfigDict,
-                       source: Source) -> ml_collections.ConfigDict:
-  """A copy of `config` with the source's backbone shape and input normalization."""
-  if config.model.name != source.config.model.name:
+                       source_config: ml_collections.ConfigDict,
+                       where: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with the source's backbone shape and input normalization.
+
+  `source_config` is the config of the init_from workdir `where`, or, when a run
+  resumes, the config its own checkpoint was trained with (which already adopted them).
+  """
+  if config.model.name != source_config.model.name:
     raise config_lib.ConfigError(
-        f"init_from='{source.workdir}' holds a {source.config.model.name} backbone, but "
+        f"init_from='{where}' holds a {source_config.model.name} backbone, but "
         f"model.name is '{config.model.name}'. Set "
-        f"--config.model.name={source.config.model.name}, or start from another workdir.")
+        f"--config.model.name={source_config.model.name}, or start from another workdir.")
   config = ml_collections.ConfigDict(config.to_dict())
   for key in _ADOPTED_KEYS:
-    mine, theirs = tuple(config.model[key]), tuple(source.config.model[key])
+    mine, theirs = tuple(config.model[key]), tuple(source_config.model[key])
     if mine != theirs:
       if key != "widths" or config.model.name == "cnn":  # Only the cnn has widths.
         log.info("init_from: model.%s=%s from the source (the config said %s).", key,

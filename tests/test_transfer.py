@@ -78,9 +78,15 @@ def test_two_class_checkpoint_initialises_a_three_class_run(shapes_dir, source_r
   source_dir, source = source_run
   data = three_class_folder(shapes_dir, str(tmp_path / "data"))
   workdir = str(tmp_path / "run")
-  config = tiny_config(f"folder:{data}", init_from=source_dir,
+  copied = shutil.copytree(source_dir, str(tmp_path / "source_copy"))
+  config = tiny_config(f"folder:{data}", init_from=copied,
                        **{"optim.freeze": "backbone", "model.head_hidden": (12,)})
-  state, _ = train_and_evaluate(config, workdir)
+  train_and_evaluate(config, workdir)
+  # A resume reads its own checkpoint, not init_from: the source may be gone by then.
+  shutil.rmtree(copied)
+  config.num_epochs = 2
+  state, final = train_and_evaluate(config, workdir)
+  assert final["epoch"] == 2
   assert source.params["head"]["kernel"].shape == (16, 2)
   assert state.params["head"]["kernel"].shape == (12, 3)
   assert state.params["head"]["hidden_0"]["kernel"].shape == (16, 12)
