@@ -140,12 +140,12 @@ class Bench:
     return p_step, flax.jax_utils.replicate(state, self.devices), jax.random.key(1)
 
   def host_batches(self, num_steps: int, start_step: int = 0):
-    from jaxcls.data import loader  # pylint: disable=import-outside-toplevel
+    from jaxcls.data import loader, sources  # pylint: disable=import-outside-toplevel
     c = self.config
     return loader.train_batches(
         self.dataset.train, batch_size=c.batch_size, image_size=c.data.image_size,
         seed=c.seed, num_steps=num_steps, start_step=start_step,
-        workers=c.data.workers or os.cpu_count() or 1)
+        workers=sources.worker_count(c.data.workers))
 
 
 def _decode_indices(source, indices, image_size: int) -> int:
@@ -197,7 +197,7 @@ def _block(tree) -> None:
 def step_figure(bench: Bench) -> dict:
   """Images/sec of the train step alone, on one batch that already sits on the devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxcls.data import loader  # pylint: disable=import-outside-toplevel
+  from jaxcls.data import loader, sources  # pylint: disable=import-outside-toplevel
   p_step, state, rng = bench.train
   batch = next(bench.host_batches(1))
   on_device = jax.device_put(loader.shard(batch, len(bench.devices)),
@@ -222,7 +222,7 @@ def loop_figure(bench: Bench) -> dict:
 
   With data.cache on, the cache is filled first: the figure is that of later epochs.
   """
-  from jaxcls.data import loader  # pylint: disable=import-outside-toplevel
+  from jaxcls.data import loader, sources  # pylint: disable=import-outside-toplevel
   p_step, state, rng = bench.train
   results = {}
   train_source = bench.dataset.train
@@ -235,7 +235,7 @@ def loop_figure(bench: Bench) -> dict:
   # The loader reads ahead; asking for more batches than are timed keeps it reading
   # ahead at the end as at the start, so the timed window pays for as many batches
   # as it consumes.
-  read_ahead = 2 * (bench.config.data.workers or os.cpu_count() or 1) + 2
+  read_ahead = 2 * sources.worker_count(bench.config.data.workers) + 2
   batches = loader.prefetch_to_devices(
       bench.host_batches(warmup + bench.steps + read_ahead), bench.devices)
   for _ in range(warmup):  # Compile (if step did not) and fill the prefetch buffers.

@@ -229,7 +229,7 @@ class Predictor:
     Threads decode up to two batches ahead while the model runs on the current one:
     Pillow and XLA release the GIL, so decoding and inference overlap.
     """
-    workers = self.workers or os.cpu_count() or 1
+    workers = sources.worker_count(self.workers)
     if workers == 1 or len(items) <= 1:
       for start in range(0, len(items), self.batch_size):
         yield [self._load(x) for x in items[start:start + self.batch_size]]

@@ -421,7 +421,7 @@ def load_validation(workdir: str, step: int | None = None,
   meta = checkpoint.restore_meta(mngr, predictor.step)
   mngr.close()
   config = config_lib.from_dict(meta["config"])
-  workers = config.data.workers or os.cpu_count() or 1
+  workers = sources.worker_count(config.data.workers)
   dataset = sources.build_dataset(config.data, config.seed, workdir, workers)
   if tuple(dataset.class_names) != tuple(predictor.class_names):
     raise sources.DataError(

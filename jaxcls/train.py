@@ -197,7 +197,7 @@ def evaluate(state: TrainState, source, config: ml_collections.ConfigDict,
 
 
 def _workers(config) -> int:
-  return config.data.workers or os.cpu_count() or 1
+  return sources.worker_count(config.data.workers)
 
 
 def _prepare_workdir(workdir: str) -> str:

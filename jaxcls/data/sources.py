@@ -55,6 +55,11 @@ class DataError(ValueError):
   """The data set cannot be used as configured; says what to change."""
 
 
+def worker_count(requested: int = 0) -> int:
+  """Decode threads to use: `requested`, or one per CPU core when it is 0."""
+  return requested or os.cpu_count() or 1
+
+
 def is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -591,7 +596,7 @@ def build_dataset(data_config, seed: int, workdir: str | None = None,
     _write_skipped([], workdir)
     return _with_cache(dataset, data_config, workdir)
   source, class_names = list_source(data_config.source, data_config, workdir, seed)
-  workers = workers or data_config.workers or os.cpu_count() or 1
+  workers = workers or worker_count(data_config.workers)
   broken = verify_files(source, data_config.image_size, workdir, workers)
   skipped = tuple({"path": source.key(i), "reason": broken[i]} for i in sorted(broken))
   _write_skipped(skipped, workdir)
