@@ -1,7 +1,8 @@
 """jaxcls against PyTorch eager on this CPU, same model, same run: images/sec and ratio.
 
     python benchmarks/compare_cpu.py [--rounds 3] [--steps 8] \
-        [--variant NAME='XLA FLAGS' ...] [--jax-arg=--no-augment ...]
+        [--variant NAME='XLA FLAGS' ...] [--env-variant NAME='KEY=VALUE ...' ...] \
+        [--jax-arg=--no-augment ...]
 
 Runs, `--rounds` times and interleaved (so a load change on a shared machine hits both
 alike), the jaxcls train step (`python -m jaxcls.step_benchmark --config
@@ -9,7 +10,10 @@ configs/catdog.py --config.model.name=resnet18 --config.batch_size=32`, 128 px, 
 SGD momentum 0.9 + weight decay, dropout 0.4) and `benchmarks/torch_resnet18.py`, each
 in a fresh process. Prints one JSON object: every run, the median images/sec of each,
 and jaxcls / PyTorch. `--variant` adds jaxcls runs under other XLA_FLAGS ("" = none;
-"default" = what jaxcls sets by itself), to compare flags in the same interleaving.
+"default" = what jaxcls sets by itself), to compare flags in the same interleaving;
+`--env-variant` adds runs with extra environment variables, e.g. the step as it was
+before jaxcls's CPU layers and XLA option: before='JAXCLS_CPU_LAYERS=0
+JAXCLS_XLA_DEFAULTS=0'.
 """
 
 from __future__ import annotations
@@ -53,21 +57,28 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--variant", action="append", default=[],
                       help="NAME=XLA_FLAGS for an extra jaxcls run per round.")
+  parser.add_argument("--env-variant", action="append", default=[],
+                      help="NAME='KEY=VALUE KEY=VALUE' for an extra jaxcls run per round "
+                           "with these environment variables, e.g. "
+                           "before='JAXCLS_CPU_LAYERS=0 JAXCLS_XLA_DEFAULTS=0'.")
   parser.add_argument("--jax-arg", action="append", default=[],
                       help="Extra argument for jaxcls.step_benchmark, e.g. --no-augment.")
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args()
   steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-  variants = {"jaxcls": None}
+  variants = {"jaxcls": (None, {})}
   for item in args.variant:
     name, _, flags = item.partition("=")
-    variants[name] = None if flags == "default" else flags
+    variants[name] = (None if flags == "default" else flags, {})
+  for item in args.env_variant:
+    name, _, assignments = item.partition("=")
+    variants[name] = (None, dict(pair.split("=", 1) for pair in assignments.split()))
   runs = {name: [] for name in variants}
   if not args.no_torch:
     runs["pytorch"] = []
   for round_index in range(args.rounds):
-    for name, flags in variants.items():
-      result = _run(JAX_CMD + steps + args.jax_arg, _env(flags))
+    for name, (flags, extra_env) in variants.items():
+      result = _run(JAX_CMD + steps + args.jax_arg, {**_env(flags), **extra_env})
       runs[name].append(result)
       print(f"round {round_index} {name}: {result['step_images_per_sec']} img/s "
             f"({result.get('percent_of_peak')} % of matmul peak)", file=sys.stderr)

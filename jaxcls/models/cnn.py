@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcls.models import layers as cpu_layers
+
 
 class ConvBlock(nn.Module):
   """Two 3×3 conv + batch norm + ReLU layers, then 2×2 max pooling."""
@@ -18,10 +20,11 @@ class ConvBlock(nn.Module):
   def __call__(self, x, train: bool):
     for _ in range(2):
       x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       axis_name=self.axis_name if train else None, dtype=self.dtype)(x)
+      x = cpu_layers.batch_norm(use_running_average=not train, momentum=0.9,
+                                axis_name=self.axis_name if train else None,
+                                dtype=self.dtype)(x)
       x = nn.relu(x)
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return cpu_layers.max_pool(x, 2, 2)
 
 
 class CNN(nn.Module):

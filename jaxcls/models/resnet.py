@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxcls.models import layers as cpu_layers
+
 # He initialization on fan-out, as torchvision initializes its ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -30,11 +32,12 @@ class _Layers:
                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
                    kernel_init=_conv_init, name=name)
 
-  def norm(self, name: str) -> nn.BatchNorm:
+  def norm(self, name: str) -> nn.Module:
     # momentum 0.9 here is PyTorch's momentum 0.1; epsilon is PyTorch's default.
-    return nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                        axis_name=self.axis_name if self.train else None,
-                        dtype=self.dtype, name=name)
+    return cpu_layers.batch_norm(use_running_average=not self.train, momentum=0.9,
+                                 epsilon=1e-5,
+                                 axis_name=self.axis_name if self.train else None,
+                                 dtype=self.dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -86,7 +89,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     layers = _Layers(self.dtype, train, self.axis_name)
     x = nn.relu(layers.norm("bn1")(layers.conv(64, 7, 2, "conv1")(x)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = cpu_layers.max_pool(x, 3, 2, 1)
     for stage, blocks in enumerate(self.stage_sizes):
       for index in range(blocks):
         stride = 2 if stage > 0 and index == 0 else 1

@@ -1,0 +1,146 @@
+"""The CPU batch norm and max pool give flax's results: values, gradients, running
+statistics, across 8 devices, and the same variable tree; the default XLA option."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcls import _xla_defaults
+from jaxcls.models import create_model, layers
+from model_utils import model_config
+
+
+def _bn_loss(module, variables, x, weights):
+  y, updates = module.apply(variables, x, mutable=["batch_stats"])
+  return jnp.sum(jnp.sin(y) * weights), updates
+
+
+def _bn_pair(**kwargs):
+  ours = layers.BatchNorm(momentum=0.9, epsilon=1e-5, **kwargs)
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, **kwargs)
+  return ours, theirs
+
+
+def _bn_variables(features):
+  rng = np.random.default_rng(1)
+  return {"params": {"scale": jnp.asarray(rng.uniform(0.5, 2, features), jnp.float32),
+                     "bias": jnp.asarray(rng.normal(size=features), jnp.float32)},
+          "batch_stats": {"mean": jnp.asarray(rng.normal(size=features), jnp.float32),
+                          "var": jnp.asarray(rng.uniform(0.5, 2, features), jnp.float32)}}
+
+
+def test_batch_norm_matches_flax_values_gradients_and_running_statistics():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(1.0, 3.0, (8, 6, 5, 16)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  variables = _bn_variables(16)
+  results = []
+  for module in _bn_pair():
+    grad_fn = jax.value_and_grad(lambda v, x, m=module: _bn_loss(m, v, x, weights),
+                                 argnums=(0, 1), has_aux=True)
+    results.append(grad_fn(variables, x))
+  (loss_a, stats_a), grads_a = results[0]
+  (loss_b, stats_b), grads_b = results[1]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((stats_a, grads_a)), jax.tree.leaves((stats_b, grads_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+  # The running statistics really moved (the comparison above is not of two no-ops).
+  assert not np.allclose(stats_a["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+  # Evaluation mode uses the running statistics, as flax's does.
+  eval_ours = layers.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x)
+  eval_theirs = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(variables, x)
+  np.testing.assert_allclose(eval_ours, eval_theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_keeps_the_compute_dtype():
+  x = jnp.ones((4, 3, 3, 8), jnp.bfloat16)
+  variables = _bn_variables(8)
+  y, _ = layers.BatchNorm(dtype=jnp.bfloat16).apply(variables, x, mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16
+
+
+def test_batch_norm_across_8_devices_matches_flax():
+  devices = jax.local_devices()
+  assert len(devices) == 8
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(0.5, 2.0, (8, 4, 3, 3, 8)), jnp.float32)  # 4 per device.
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  variables = _bn_variables(8)
+  outputs = []
+  for module in _bn_pair(axis_name="batch"):
+    def step(x, w, module=module):
+      grad_fn = jax.value_and_grad(lambda v: _bn_loss(module, v, x, w), has_aux=True)
+      (loss, stats), grads = grad_fn(variables)
+      return loss, stats, grads, jax.grad(lambda x: _bn_loss(module, variables, x, w)[0])(x)
+    outputs.append(jax.pmap(step, axis_name="batch")(x, weights))
+  for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+  # Statistics are shared: every device holds the same running mean.
+  mean = outputs[0][1]["batch_stats"]["mean"]
+  np.testing.assert_allclose(mean, np.broadcast_to(mean[0], mean.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("window, stride, padding, size", [(3, 2, 1, 9), (3, 2, 1, 8),
+                                                           (2, 2, 0, 7)])
+def test_max_pool_matches_flax_including_ties(window, stride, padding, size):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, size, size, 4)).astype(np.float32)
+  x[:, :, 1::2] = x[:, :, ::2][:, :, :x[:, :, 1::2].shape[2]]  # Equal neighbours: ties.
+  x = jnp.asarray(x)
+
+  def theirs(x):
+    return nn.max_pool(x, (window, window), strides=(stride, stride),
+                       padding=((padding, padding), (padding, padding)))
+
+  def ours(x):
+    return layers.max_pool(x, window, stride, padding)
+
+  assert layers.fast_cpu_ops()  # The hand-written version is the one under test here.
+  np.testing.assert_array_equal(ours(x), theirs(x))
+  cotangent = jnp.asarray(rng.normal(size=theirs(x).shape), jnp.float32)
+  grad_ours = jax.vjp(ours, x)[1](cotangent)[0]
+  grad_theirs = jax.vjp(theirs, x)[1](cotangent)[0]
+  np.testing.assert_allclose(grad_ours, grad_theirs, rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(grad_ours).sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_models_have_the_same_variables_with_either_layer_set(name, monkeypatch):
+  model = create_model(model_config(name).model, 2)
+  init = lambda: jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  ours = init()
+  monkeypatch.setattr(layers, "fast_cpu_ops", lambda: False)
+  theirs = init()
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  assert [a.shape for a in jax.tree.leaves(ours)] == [b.shape for b in jax.tree.leaves(theirs)]
+
+
+def test_xla_default_is_added_only_when_allowed(monkeypatch):
+  monkeypatch.setattr(_xla_defaults, "_backend_started", lambda: False)
+  monkeypatch.setattr(_xla_defaults, "_jaxlib_release", lambda: (0, 10))
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert _xla_defaults.apply(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                      "--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
+  own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+  assert not _xla_defaults.apply(own) and own["XLA_FLAGS"].endswith("=")
+  off = {"JAXCLS_XLA_DEFAULTS": "0"}
+  assert not _xla_defaults.apply(off) and "XLA_FLAGS" not in off
+  monkeypatch.setattr(_xla_defaults, "_jaxlib_release", lambda: (0, 99))
+  assert not _xla_defaults.apply({})  # Not measured on that jaxlib: left alone.
+
+
+def test_importing_jaxcls_sets_the_option_before_jax_starts():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXCLS_XLA_DEFAULTS")}
+  code = ("import jaxcls, os, jax; jax.numpy.ones(1).block_until_ready(); "
+          "print(os.environ.get('XLA_FLAGS', ''))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, check=True).stdout.strip()
+  expected = _xla_defaults._jaxlib_release() in _xla_defaults.MEASURED_JAXLIB
+  assert ("ynn_fusion_type=individual_dot" in out) == expected
