@@ -209,6 +209,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     result["percent_of_peak"] = round(
         100 * result["achieved_gflops"] / result["matmul_peak_gflops"], 1)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  from jaxcls.models import layers
+  result["cpu_layers"] = layers.fast_cpu_ops()  # jaxcls's batch norm and max pool in use.
   result["jax_version"] = jax.__version__
   return result
 
