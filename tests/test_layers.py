@@ -87,7 +87,7 @@ def test_batch_norm_across_8_devices_matches_flax():
 
 
 @pytest.mark.parametrize("window, stride, padding, size", [(3, 2, 1, 9), (3, 2, 1, 8),
-                                                           (2, 2, 0, 7)])
+                                                           (2, 2, 0, 7), (2, 2, 0, 8)])
 def test_max_pool_matches_flax_including_ties(window, stride, padding, size):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, size, size, 4)).astype(np.float32)
