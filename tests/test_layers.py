@@ -144,3 +144,35 @@ def test_importing_jaxcls_sets_the_option_before_jax_starts():
                        text=True, check=True).stdout.strip()
   expected = _xla_defaults._jaxlib_release() in _xla_defaults.MEASURED_JAXLIB
   assert ("ynn_fusion_type=individual_dot" in out) == expected
+
+
+def test_batch_norm_in_bfloat16_is_as_accurate_as_flax():
+  rng = np.random.default_rng(4)
+  x32 = rng.normal(10.0, 1.0, (16, 8, 8, 8)).astype(np.float32)  # mean/std = 10
+  dy32 = rng.normal(size=x32.shape).astype(np.float32) + 5 * (x32 - 10.0)
+  variables = _bn_variables(8)
+
+  def forward_backward(module, x, dy):
+    fn = lambda x: module.apply(variables, x, mutable=["batch_stats"])[0]
+    y, back = jax.vjp(fn, x)
+    return np.asarray(y, np.float64), np.asarray(back(dy.astype(y.dtype))[0], np.float64)
+
+  reference = forward_backward(nn.BatchNorm(momentum=0.9, epsilon=1e-5,
+                                            use_running_average=False),
+                               jnp.asarray(x32), jnp.asarray(dy32))
+  x16, dy16 = jnp.asarray(x32, jnp.bfloat16), jnp.asarray(dy32, jnp.bfloat16)
+  errors = {}
+  for name, module in zip(("ours", "flax"), _bn_pair(dtype=jnp.bfloat16)):
+    got = forward_backward(module, x16, dy16)
+    errors[name] = [np.abs(g - r).max() / np.abs(r).max() for g, r in zip(got, reference)]
+  for ours, theirs in zip(errors["ours"], errors["flax"]):
+    assert ours <= 2 * theirs + 1e-3, errors
+
+
+def test_batch_norm_initializes_in_train_mode_outside_pmap_and_pools_one_image():
+  x = jnp.ones((2, 4, 4, 3))
+  variables = layers.BatchNorm(axis_name="batch").init(jax.random.key(0), x)
+  assert variables["params"]["scale"].shape == (3,)
+  image = jnp.arange(16 * 3, dtype=jnp.float32).reshape(4, 4, 3)
+  np.testing.assert_array_equal(layers.max_pool(image, 2, 2),
+                                nn.max_pool(image, (2, 2), strides=(2, 2)))

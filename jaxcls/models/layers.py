@@ -71,8 +71,9 @@ def _normalize_train(x, scale, bias, epsilon, axis_name):
 def _normalize_train_fwd(x, scale, bias, epsilon, axis_name):
   mean, var = _statistics(x, axis_name)
   inv = lax.rsqrt(var + epsilon)
-  mul = scale * inv
-  y = x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype)
+  # Centre and scale in float32, one rounding to x's dtype at the end (as flax does):
+  # in bfloat16, x·mul and mean·mul would be rounded apart and then cancel.
+  y = ((x.astype(jnp.float32) - mean) * (scale * inv) + bias).astype(x.dtype)
   return (y, mean, var), (x, mean, inv, scale)
 
 
@@ -92,11 +93,10 @@ def _normalize_train_bwd(epsilon, axis_name, residuals, cotangents):
     totals = lax.psum(totals, axis_name)
     count = count * lax.psum(1, axis_name)
   mul = scale * inv
-  # dx = mul · (dy − mean(dy) − x̂ · mean(dy · x̂)), written as a · dy + b · x + c.
+  # dx = mul · (dy − mean(dy) − x̂ · mean(dy · x̂)), in float32, rounded once.
   coef_x = -mul * inv * totals[1] / count
-  coef_1 = -mul * totals[0] / count - mean * coef_x
-  dx = dy * mul.astype(dy.dtype) + x * coef_x.astype(dy.dtype) + coef_1.astype(dy.dtype)
-  return dx, dscale, dbias
+  dx = mul * (dyf - totals[0] / count) + coef_x * (x.astype(jnp.float32) - mean)
+  return dx.astype(dy.dtype), dscale, dbias
 
 
 _normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
@@ -107,7 +107,12 @@ class BatchNorm(nn.Module):
 
   Same variables, same statistics (biased batch variance, E[x²] − E[x]²), same running
   average rule (`momentum` × old + (1 − momentum) × batch) and the same cross-device
-  mean over `axis_name`. Parameters are float32; `dtype` is the output's.
+  mean over `axis_name` (under pmap or vmap). Parameters are float32; `dtype` is the
+  output's; normalization is computed in float32 and rounded once.
+
+  Differences from flax's, none of which jaxcls relies on: reverse-mode only (a
+  custom VJP: no `jax.jvp`/`jacfwd`); no gradient through the running statistics;
+  under `shard_map` with its type checks on, replicated parameters need flax's layer.
   """
   use_running_average: bool = False
   momentum: float = 0.99
@@ -126,9 +131,14 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     if self.use_running_average:
       mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
-      return x * mul.astype(dtype) + (bias - ra_mean.value * mul).astype(dtype)
-    y, mean, var = _normalize_train(x, scale, bias, self.epsilon, self.axis_name)
+      return ((x.astype(jnp.float32) - ra_mean.value) * mul + bias).astype(dtype)
+    # flax, too, skips the cross-device mean while initializing (no axis is bound then).
+    axis_name = None if self.is_initializing() else self.axis_name
+    y, mean, var = _normalize_train(x, scale, bias, self.epsilon, axis_name)
     if not self.is_initializing():
+      # No gradient flows through the running averages (flax's would): nothing in
+      # jaxcls differentiates them.
+      mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
     return y
@@ -204,9 +214,12 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 def max_pool(x, window: int, stride: int, padding: int | Sequence[int] = 0):
   """Square max pooling over NHWC `x`, as `nn.max_pool(x, (k, k), (s, s), padding)`.
 
-  `padding` is one int or (low, high), applied to both spatial axes with −inf.
+  `padding` is one int or (low, high), applied to both spatial axes with −inf. A window
+  whose maximum is NaN passes no gradient (flax's passes it to one element).
   """
   pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
   if not fast_cpu_ops():
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=(pad, pad))
+  if x.ndim == 3:  # One unbatched image, as nn.max_pool accepts.
+    return _max_pool(x[None], window, stride, pad)[0]
   return _max_pool(x, window, stride, pad)
