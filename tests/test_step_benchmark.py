@@ -70,7 +70,8 @@ def test_training_cli_fills_the_compilation_cache(tmp_path, shapes_dir):
   assert len(list(cache.iterdir())) >= 3  # init, train step, eval step at least.
 
 
-def test_cli_prints_json(capsys, make_config, tmp_path):
+def _tiny_recipe(tmp_path):
+  """A recipe file with a 16 px, one-block CNN and batch 8."""
   recipe = tmp_path / "recipe.py"
   recipe.write_text("from jaxcls.config import base_config\n"
                     "def get_config():\n"
@@ -79,6 +80,11 @@ def test_cli_prints_json(capsys, make_config, tmp_path):
                     "  c.model.widths = (4,)\n"
                     "  c.batch_size = 8\n"
                     "  return c\n")
+  return recipe
+
+
+def test_cli_prints_json(capsys, make_config, tmp_path):
+  recipe = _tiny_recipe(tmp_path)
   result = step_benchmark.run(["--config", str(recipe), "--steps", "1", "--warmup", "0",
                                 "--matmul-size", "128", "--config.model.dropout=0.0"])
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -88,14 +94,7 @@ def test_cli_prints_json(capsys, make_config, tmp_path):
 
 
 def test_benchmark_step_subcommand_exits_zero_with_json(tmp_path):
-  recipe = tmp_path / "recipe.py"
-  recipe.write_text("from jaxcls.config import base_config\n"
-                    "def get_config():\n"
-                    "  c = base_config()\n"
-                    "  c.data.image_size = 16\n"
-                    "  c.model.widths = (4,)\n"
-                    "  c.batch_size = 8\n"
-                    "  return c\n")
+  recipe = _tiny_recipe(tmp_path)
   result = subprocess.run(
       [sys.executable, "-m", "jaxcls.benchmark", "step", "--config", str(recipe),
        "--steps", "1", "--warmup", "0", "--matmul-size", "128"],
