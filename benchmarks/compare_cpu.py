@@ -2,7 +2,7 @@
 
     python benchmarks/compare_cpu.py [--rounds 3] [--steps 8] \
         [--variant NAME='XLA FLAGS' ...] [--env-variant NAME='KEY=VALUE ...' ...] \
-        [--jax-arg=--no-augment ...]
+        [--torch-env-variant NAME='KEY=VALUE ...' ...] [--jax-arg=--no-augment ...]
 
 Runs, `--rounds` times and interleaved (so a load change on a shared machine hits both
 alike), the jaxcls train step (`python -m jaxcls.step_benchmark --config
@@ -12,8 +12,11 @@ in a fresh process. Prints one JSON object: every run, the median images/sec of 
 and jaxcls / PyTorch. `--variant` adds jaxcls runs under other XLA_FLAGS ("" = none;
 "default" = what jaxcls sets by itself), to compare flags in the same interleaving;
 `--env-variant` adds runs with extra environment variables, e.g. the step as it was
-before jaxcls's CPU layers and XLA option: before='JAXCLS_CPU_LAYERS=0
-JAXCLS_XLA_DEFAULTS=0'.
+before jaxcls's CPU layers, XLA option and allocator setting: before='JAXCLS_CPU_LAYERS=0
+JAXCLS_XLA_DEFAULTS=0 JAXCLS_ALLOCATOR_DEFAULTS=0'. `--torch-env-variant` does the same
+for PyTorch, e.g. with the allocator setting jaxcls's command lines use:
+hugepages='GLIBC_TUNABLES=glibc.malloc.hugetlb=1', with jaxcls / that run's
+median printed too.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def _env(xla_flags: str | None) -> dict:
   return env
 
 
+def _env_variant(item: str) -> tuple[str, dict]:
+  name, _, assignments = item.partition("=")
+  return name, dict(pair.split("=", 1) for pair in assignments.split())
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
@@ -61,6 +69,9 @@ def main():
                       help="NAME='KEY=VALUE KEY=VALUE' for an extra jaxcls run per round "
                            "with these environment variables, e.g. "
                            "before='JAXCLS_CPU_LAYERS=0 JAXCLS_XLA_DEFAULTS=0'.")
+  parser.add_argument("--torch-env-variant", action="append", default=[],
+                      help="NAME='KEY=VALUE ...' for an extra PyTorch run per round, "
+                           "reported as pytorch_NAME.")
   parser.add_argument("--jax-arg", action="append", default=[],
                       help="Extra argument for jaxcls.step_benchmark, e.g. --no-augment.")
   parser.add_argument("--no-torch", action="store_true")
@@ -71,21 +82,24 @@ def main():
     name, _, flags = item.partition("=")
     variants[name] = (None if flags == "default" else flags, {})
   for item in args.env_variant:
-    name, _, assignments = item.partition("=")
-    variants[name] = (None, dict(pair.split("=", 1) for pair in assignments.split()))
-  runs = {name: [] for name in variants}
+    name, assignments = _env_variant(item)
+    variants[name] = (None, assignments)
+  torch_variants = {} if args.no_torch else {"pytorch": {}}
   if not args.no_torch:
-    runs["pytorch"] = []
+    for item in args.torch_env_variant:
+      name, assignments = _env_variant(item)
+      torch_variants[f"pytorch_{name}"] = assignments
+  runs = {name: [] for name in [*variants, *torch_variants]}
   for round_index in range(args.rounds):
     for name, (flags, extra_env) in variants.items():
       result = _run(JAX_CMD + steps + args.jax_arg, {**_env(flags), **extra_env})
       runs[name].append(result)
       print(f"round {round_index} {name}: {result['step_images_per_sec']} img/s "
             f"({result.get('percent_of_peak')} % of matmul peak)", file=sys.stderr)
-    if not args.no_torch:
-      result = _run(TORCH_CMD + steps, _env(None))
-      runs["pytorch"].append(result)
-      print(f"round {round_index} pytorch: {result['step_images_per_sec']} img/s",
+    for name, extra_env in torch_variants.items():
+      result = _run(TORCH_CMD + steps, {**_env(None), **extra_env})
+      runs[name].append(result)
+      print(f"round {round_index} {name}: {result['step_images_per_sec']} img/s",
             file=sys.stderr)
   medians = {name: statistics.median(r["step_images_per_sec"] for r in rs)
              for name, rs in runs.items()}
@@ -93,6 +107,9 @@ def main():
              "load_average": os.getloadavg(), "runs": runs}
   if "pytorch" in medians:
     summary["ratio_jaxcls_over_pytorch"] = round(medians["jaxcls"] / medians["pytorch"], 3)
+  for name in torch_variants:
+    if name != "pytorch":
+      summary[f"ratio_jaxcls_over_{name}"] = round(medians["jaxcls"] / medians[name], 3)
   print(json.dumps(summary))
 
 

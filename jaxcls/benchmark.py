@@ -30,6 +30,10 @@ module adds its own with `register("name")` and is picked with `--figures name`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Command line: tune the allocator before JAX loads.
+  from jaxcls import _launch
+  _launch.reexec_with_tuned_allocator()
+
 import concurrent.futures
 import functools
 import json

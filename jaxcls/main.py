@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Command line: tune the allocator before JAX loads.
+  from jaxcls import _launch
+  _launch.reexec_with_tuned_allocator()
+
 import logging
 import os
 import shlex

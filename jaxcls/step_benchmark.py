@@ -16,6 +16,10 @@ them next to the loader's figures.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Command line: tune the allocator before JAX loads.
+  from jaxcls import _launch
+  _launch.reexec_with_tuned_allocator()
+
 import argparse
 import ast
 import copy
@@ -209,6 +213,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     result["percent_of_peak"] = round(
         100 * result["achieved_gflops"] / result["matmul_peak_gflops"], 1)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  # glibc.malloc.hugetlb=1 here when the command line set it (jaxcls/_launch.py).
+  result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   from jaxcls.models import layers
   result["cpu_layers"] = layers.fast_cpu_ops()  # jaxcls's batch norm and max pool in use.
   result["jax_version"] = jax.__version__

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxcls import step_benchmark
+from jaxcls import _launch, step_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,3 +103,7 @@ def test_benchmark_step_subcommand_exits_zero_with_json(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   printed = json.loads(result.stdout.strip().splitlines()[-1])
   assert printed["batch_size"] == 8 and printed["step_flops_per_image"] > 0
+  # The command line re-executed itself with huge-page allocation where that applies.
+  tuned = _launch.tuned_environment(os.environ, platform=sys.platform,
+                                    libc=_launch.glibc_version(), thp=_launch.thp_mode())
+  assert ("glibc.malloc.hugetlb=1" in printed["glibc_tunables"]) == (tuned is not None)

@@ -1,0 +1,105 @@
+"""The command lines' allocator setting: when it applies, the re-execution, its effect."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxcls import _launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINUX = dict(platform="linux", libc=(2, 36), thp="madvise")
+
+
+def test_tuned_environment_rules():
+  env = _launch.tuned_environment({"PATH": "/bin"}, **LINUX)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == "/bin"
+  kept = _launch.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
+  assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  for environ, machine in [
+      ({"JAXCLS_ALLOCATOR_DEFAULTS": "0"}, LINUX),
+      ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, LINUX),  # The user's choice stands.
+      ({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}, LINUX),
+      (env, LINUX),  # Already re-executed once: never loops.
+      ({}, {**LINUX, "thp": "always"}),
+      ({}, {**LINUX, "thp": "never"}),
+      ({}, {**LINUX, "thp": None}),
+      ({}, {**LINUX, "libc": (2, 34)}),
+      ({}, {**LINUX, "libc": None}),  # musl and others.
+      ({}, {**LINUX, "platform": "darwin"}),
+  ]:
+    assert _launch.tuned_environment(environ, **machine) is None, (environ, machine)
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert _launch.thp_mode(str(path)) == "madvise"
+  assert _launch.thp_mode(str(tmp_path / "missing")) is None
+
+
+def _machine_qualifies(environ) -> bool:
+  return _launch.tuned_environment(environ, platform=sys.platform,
+                                   libc=_launch.glibc_version(),
+                                   thp=_launch.thp_mode()) is not None
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "JAXCLS_ALLOCATOR_DEFAULTS", "JAXCLS_ALLOCATOR_REEXEC")}
+  return {**env, "PYTHONPATH": ROOT, **extra}
+
+
+def test_a_command_line_reexecutes_itself_once_with_the_same_arguments(tmp_path):
+  script = tmp_path / "tool.py"
+  script.write_text(textwrap.dedent("""\
+      import os, sys
+      print("start", os.getpid(), flush=True)
+      from jaxcls import _launch
+      _launch.reexec_with_tuned_allocator()
+      print("body", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])
+      """))
+  run = lambda env: subprocess.run([sys.executable, "-u", str(script), "a", "b c"], env=env,
+                                   capture_output=True, text=True, check=True).stdout
+  out = run(_clean_env()).splitlines()
+  starts = [line for line in out if line.startswith("start")]
+  body = [line for line in out if line.startswith("body")]
+  assert len(body) == 1 and body[0].endswith("['a', 'b c']")
+  if _machine_qualifies(_clean_env()):
+    assert len(starts) == 2 and starts[0] == starts[1]  # Same process id, run twice.
+    assert "glibc.malloc.hugetlb=1" in body[0]
+  else:
+    assert len(starts) == 1 and "hugetlb" not in body[0]
+  off = run(_clean_env(JAXCLS_ALLOCATOR_DEFAULTS="0")).splitlines()
+  assert sum(line.startswith("start") for line in off) == 1 and "hugetlb" not in off[-1]
+
+
+_FAULTS = textwrap.dedent("""\
+    import ctypes, resource
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # A step's worth of large buffers, allocated and freed.
+      block = libc.malloc(size)
+      ctypes.memset(block, 1, size)
+      libc.free(block)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+
+
+def test_huge_pages_cut_the_page_faults_of_large_buffers():
+  """What the setting is for: 64 MiB blocks fault 2 MiB at a time instead of 4 KiB."""
+  if not _machine_qualifies(_clean_env()):
+    pytest.skip("needs Linux, glibc >= 2.35 and transparent huge pages in madvise mode")
+  faults = {}
+  for name, tunables in [("default", None), ("huge", "glibc.malloc.hugetlb=1")]:
+    env = _clean_env(**({"GLIBC_TUNABLES": tunables} if tunables else {}))
+    faults[name] = int(subprocess.run([sys.executable, "-c", _FAULTS], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+  # 10 × 16,384 pages of 4 KiB by default; with huge pages, tens of faults per block.
+  assert faults["default"] > 100_000, faults
+  assert faults["huge"] < faults["default"] / 20, faults
