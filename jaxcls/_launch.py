@@ -5,8 +5,8 @@ train step that allocates its activations afresh pays a page fault for every 4 K
 touches, every step: about 74,000 faults and 0.13 CPU-seconds of kernel time per
 ResNet-18 step (128 px, batch 32) on a 2-core machine. With glibc's tunable
 `glibc.malloc.hugetlb=1` the allocator asks for transparent huge pages (2 MiB) instead;
-faults drop to about 700 per step and the step takes 0.85–0.92 of its time (ResNet-18 and
-the catdog CNN; README, "Train-step performance").
+faults drop to about 700 per step, and the step takes 0.85 of its time for ResNet-18 (394
+against 466 ms) and 0.91 for the catdog CNN (README, "Train-step performance").
 
 glibc reads its tunables once, when the process starts, so the command-line entry points
 (`run_train.py`, `python -m jaxcls.main`, `python -m jaxcls.step_benchmark`, `python -m
