@@ -8,11 +8,12 @@ ResNet-18 step (128 px, batch 32) on a 2-core machine. With glibc's tunable
 faults drop to about 700 per step, and the step takes 0.85 of its time for ResNet-18 (394
 against 466 ms) and 0.91 for the catdog CNN (README, "Train-step performance").
 
-glibc reads its tunables once, when the process starts, so the command-line entry points
-(`run_train.py`, `python -m jaxcls.main`, `python -m jaxcls.step_benchmark`, `python -m
-jaxcls.benchmark`) call `reexec_with_tuned_allocator()` first: when the tunable would
-help and is not set, it re-executes the same command with it added to `GLIBC_TUNABLES`.
-Importing jaxcls as a library never does this. It is skipped when any of these holds:
+glibc reads its tunables once, when the process starts, so the training and benchmark
+command lines (`run_train.py`, `jaxcls-train`, `python -m jaxcls.main`, `python -m
+jaxcls.step_benchmark`, `python -m jaxcls.benchmark`) call
+`reexec_with_tuned_allocator()` first: when the tunable would help and is not set, it
+re-executes the same command with it added to `GLIBC_TUNABLES`. Importing jaxcls as a
+library never does this. It is skipped when any of these holds:
 
 - `JAXCLS_ALLOCATOR_DEFAULTS=0` is in the environment;
 - not Linux, or glibc older than 2.35 (the first with the tunable);

@@ -5,10 +5,6 @@
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # Command line: tune the allocator before JAX loads.
-  from jaxcls import _launch
-  _launch.reexec_with_tuned_allocator()
-
 import logging
 import os
 import shlex
@@ -117,5 +113,14 @@ def run():
   app.run(main)
 
 
-if __name__ == "__main__":
+def cli():
+  """`run_train.py`, `jaxcls-train` and `python -m jaxcls.main`: `run()` once the process
+  has huge-page allocation where that helps (see `jaxcls/_launch.py`). This module has
+  not imported JAX yet, so a re-execution costs little."""
+  from jaxcls import _launch
+  _launch.reexec_with_tuned_allocator()
   run()
+
+
+if __name__ == "__main__":
+  cli()

@@ -52,14 +52,16 @@ def _clean_env(**extra):
   return {**env, "PYTHONPATH": ROOT, **extra}
 
 
-def test_a_command_line_reexecutes_itself_once_with_the_same_arguments(tmp_path):
+def test_the_training_command_reexecutes_itself_once_with_the_same_arguments(tmp_path):
+  """`jaxcls.main.cli` (run_train.py, jaxcls-train), with training replaced by a print."""
   script = tmp_path / "tool.py"
   script.write_text(textwrap.dedent("""\
       import os, sys
       print("start", os.getpid(), flush=True)
-      from jaxcls import _launch
-      _launch.reexec_with_tuned_allocator()
-      print("body", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])
+      from jaxcls import main
+      main.run = lambda: print("body", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""),
+                               sys.argv[1:])
+      main.cli()
       """))
   run = lambda env: subprocess.run([sys.executable, "-u", str(script), "a", "b c"], env=env,
                                    capture_output=True, text=True, check=True).stdout
