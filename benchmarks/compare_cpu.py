@@ -84,11 +84,15 @@ def main():
   for item in args.env_variant:
     name, assignments = _env_variant(item)
     variants[name] = (None, assignments)
+  if args.no_torch and args.torch_env_variant:
+    parser.error("--torch-env-variant needs PyTorch runs: drop --no-torch.")
   torch_variants = {} if args.no_torch else {"pytorch": {}}
-  if not args.no_torch:
-    for item in args.torch_env_variant:
-      name, assignments = _env_variant(item)
-      torch_variants[f"pytorch_{name}"] = assignments
+  for item in args.torch_env_variant:
+    name, assignments = _env_variant(item)
+    torch_variants[f"pytorch_{name}"] = assignments
+  clash = sorted(set(variants) & set(torch_variants))
+  if clash:
+    parser.error(f"variant names used twice: {', '.join(clash)}; rename one.")
   runs = {name: [] for name in [*variants, *torch_variants]}
   for round_index in range(args.rounds):
     for name, (flags, extra_env) in variants.items():

@@ -18,7 +18,8 @@ library never does this. It is skipped when any of these holds:
 - `JAXCLS_ALLOCATOR_DEFAULTS=0` is in the environment;
 - not Linux, or glibc older than 2.35 (the first with the tunable);
 - transparent huge pages are not in `madvise` mode (`always` already uses them, `never`
-  forbids them);
+  forbids them, as does a process-wide `prctl(PR_SET_THP_DISABLE)`);
+- the program was read from standard input, or the session is interactive;
 - `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb`, or `LD_PRELOAD` loads another
   allocator (tcmalloc, jemalloc, mimalloc);
 - the process was already re-executed once.
@@ -45,15 +46,32 @@ def glibc_version() -> tuple[int, int] | None:
     return None
 
 
-def thp_mode(path: str = THP_MODE_FILE) -> str | None:
-  """The bracketed transparent-huge-page mode: 'always', 'madvise', 'never' or None."""
+def thp_mode(path: str = THP_MODE_FILE, status: str = "/proc/self/status") -> str | None:
+  """The bracketed transparent-huge-page mode: 'always', 'madvise', 'never' or None.
+
+  'never' too when this process has them switched off (`prctl(PR_SET_THP_DISABLE)`, which
+  some sandboxes apply; `THP_enabled: 0` in `/proc/self/status`).
+  """
   try:
     with open(path, encoding="ascii") as f:
       text = f.read()
   except OSError:
     return None
+  try:
+    with open(status, encoding="ascii", errors="replace") as f:
+      if any(line.split() == ["THP_enabled:", "0"] for line in f):
+        return "never"
+  except OSError:
+    pass
   start, end = text.find("["), text.find("]")
   return text[start + 1:end] if 0 <= start < end else None
+
+
+def _can_reexecute(argv) -> bool:
+  """False for an interactive session or a program read from standard input: a second
+  process would find the program gone (stdin already read) or replace the session."""
+  return bool(argv) and not hasattr(sys, "ps1") and not sys.flags.interactive and (
+      sys.argv[0] not in ("", "-"))
 
 
 def tuned_environment(environ, *, platform: str, libc: tuple[int, int] | None,
@@ -80,10 +98,11 @@ def reexec_with_tuned_allocator() -> None:
   environ = tuned_environment(os.environ, platform=sys.platform, libc=glibc_version(),
                               thp=thp_mode())
   argv = getattr(sys, "orig_argv", None)
-  if environ is None or not argv:
+  if environ is None or not _can_reexecute(argv):
     return
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:  # None when the file descriptor was closed.
+      stream.flush()
   try:
     os.execve(sys.executable, argv, environ)
   except OSError:

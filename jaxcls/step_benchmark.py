@@ -213,7 +213,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     result["percent_of_peak"] = round(
         100 * result["achieved_gflops"] / result["matmul_peak_gflops"], 1)
   result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-  # glibc.malloc.hugetlb=1 here when the command line set it (jaxcls/_launch.py).
+  # The GLIBC_TUNABLES in force: glibc.malloc.hugetlb=1 among them when the command line
+  # switched huge pages on (jaxcls/_launch.py), or whatever the user set.
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   from jaxcls.models import layers
   result["cpu_layers"] = layers.fast_cpu_ops()  # jaxcls's batch norm and max pool in use.

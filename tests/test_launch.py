@@ -33,11 +33,23 @@ def test_tuned_environment_rules():
     assert _launch.tuned_environment(environ, **machine) is None, (environ, machine)
 
 
-def test_thp_mode_reads_the_bracketed_choice(tmp_path):
-  path = tmp_path / "enabled"
+def test_thp_mode_reads_the_bracketed_choice_and_the_process_switch(tmp_path):
+  path, status = tmp_path / "enabled", tmp_path / "status"
   path.write_text("always [madvise] never\n")
-  assert _launch.thp_mode(str(path)) == "madvise"
-  assert _launch.thp_mode(str(tmp_path / "missing")) is None
+  status.write_text("Name:\tpython\nTHP_enabled:\t1\n")
+  assert _launch.thp_mode(str(path), str(status)) == "madvise"
+  status.write_text("Name:\tpython\nTHP_enabled:\t0\n")  # prctl(PR_SET_THP_DISABLE).
+  assert _launch.thp_mode(str(path), str(status)) == "never"
+  assert _launch.thp_mode(str(path), str(tmp_path / "no-status")) == "madvise"
+  assert _launch.thp_mode(str(tmp_path / "missing"), str(status)) is None
+
+
+def test_a_program_from_standard_input_runs_once_and_in_full():
+  program = ("import os\nfrom jaxcls import _launch\n_launch.reexec_with_tuned_allocator()\n"
+             "print('body', os.environ.get('GLIBC_TUNABLES', ''))\n")
+  out = subprocess.run([sys.executable, "-"], input=program, env=_clean_env(),
+                       capture_output=True, text=True, check=True).stdout
+  assert out.splitlines() == ["body "]  # Not re-executed: stdin is already read.
 
 
 def _machine_qualifies(environ) -> bool:
@@ -102,6 +114,7 @@ def test_huge_pages_cut_the_page_faults_of_large_buffers():
     env = _clean_env(**({"GLIBC_TUNABLES": tunables} if tunables else {}))
     faults[name] = int(subprocess.run([sys.executable, "-c", _FAULTS], env=env,
                                       capture_output=True, text=True, check=True).stdout)
-  # 10 × 16,384 pages of 4 KiB by default; with huge pages, tens of faults per block.
+  # 10 × 16,384 pages of 4 KiB by default; with huge pages, hundreds per block (5,440 in
+  # all here). Loose bound: a host short of free 2 MiB pages falls back to some 4 KiB ones.
   assert faults["default"] > 100_000, faults
-  assert faults["huge"] < faults["default"] / 20, faults
+  assert faults["huge"] < faults["default"] / 4, faults
