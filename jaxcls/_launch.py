@@ -89,14 +89,19 @@ def tuned_environment(environ, *, platform: str, libc: tuple[int, int] | None,
           "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
 
 
+def tuned_environment_here(environ=os.environ) -> dict | None:
+  """`tuned_environment` for this machine and process."""
+  return tuned_environment(environ, platform=sys.platform, libc=glibc_version(),
+                           thp=thp_mode())
+
+
 def reexec_with_tuned_allocator() -> None:
   """Re-executes this command with huge-page allocation when that helps; see above.
 
   Call it first thing in a `__main__` block, before JAX is imported. It does not return
   when it re-executes (the process id, arguments and open terminal stay the same).
   """
-  environ = tuned_environment(os.environ, platform=sys.platform, libc=glibc_version(),
-                              thp=thp_mode())
+  environ = tuned_environment_here()
   argv = getattr(sys, "orig_argv", None)
   if environ is None or not _can_reexecute(argv):
     return

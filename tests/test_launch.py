@@ -53,9 +53,7 @@ def test_a_program_from_standard_input_runs_once_and_in_full():
 
 
 def _machine_qualifies(environ) -> bool:
-  return _launch.tuned_environment(environ, platform=sys.platform,
-                                   libc=_launch.glibc_version(),
-                                   thp=_launch.thp_mode()) is not None
+  return _launch.tuned_environment_here(environ) is not None
 
 
 def _clean_env(**extra):

@@ -105,7 +105,6 @@ def test_benchmark_step_command_lines_exit_zero_with_json(tmp_path, command):
   printed = json.loads(result.stdout.strip().splitlines()[-1])
   assert printed["batch_size"] == 8 and printed["step_flops_per_image"] > 0
   # The command line re-executed itself with huge-page allocation where that applies.
-  tuned = _launch.tuned_environment(os.environ, platform=sys.platform,
-                                    libc=_launch.glibc_version(), thp=_launch.thp_mode())
+  tuned = _launch.tuned_environment_here(os.environ)
   assert printed["glibc_tunables"] == (tuned or os.environ).get("GLIBC_TUNABLES", "")
   assert tuned is None or "glibc.malloc.hugetlb=1" in printed["glibc_tunables"]
