@@ -1,5 +1,6 @@
-"""The CPU batch norm and max pool give flax's results: values, gradients, running
-statistics, across 8 devices, and the same variable tree; the default XLA option."""
+"""The CPU batch norm, max pool and convolution give flax's and lax's results: values,
+gradients, running statistics, across 8 devices, and the same variable tree; the default
+XLA option."""
 
 import os
 import subprocess
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from jaxcls import _xla_defaults
+from jax import lax
+
 from jaxcls.models import create_model, layers
 from model_utils import model_config
 
@@ -176,3 +179,73 @@ def test_batch_norm_initializes_in_train_mode_outside_pmap_and_pools_one_image()
   image = jnp.arange(16 * 3, dtype=jnp.float32).reshape(4, 4, 3)
   np.testing.assert_array_equal(layers.max_pool(image, 2, 2),
                                 nn.max_pool(image, (2, 2), strides=(2, 2)))
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("strides, padding, dims, groups, dtype", [
+    ((1, 1), ((1, 1), (1, 1)), _NHWC, 1, jnp.float32),
+    ((2, 2), "SAME", _NHWC, 1, jnp.float32),
+    ((2, 2), [(3, 3), (3, 3)], _NHWC, 1, jnp.float32),  # A list, as padding may come.
+    ((1, 1), ((1, 1), (1, 1)), _NHWC, 2, jnp.float32),
+    ((1, 1), "VALID", ("NCHW", "OIHW", "NCHW"), 1, jnp.float32),
+    ((2, 2), ((1, 1), (1, 1)), _NHWC, 1, jnp.bfloat16),
+])
+def test_conv_gives_lax_values_and_gradients_bit_for_bit(strides, padding, dims, groups,
+                                                         dtype):
+  rng = np.random.default_rng(5)
+  if dims[0] == "NCHW":
+    x, w = rng.normal(size=(3, 4, 9, 9)), rng.normal(size=(6, 4, 3, 3))
+  else:
+    x, w = rng.normal(size=(3, 9, 9, 4)), rng.normal(size=(3, 3, 4 // groups, 6))
+  x, w = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+  def loss(conv):
+    def f(x, w):
+      # ReLU in front, as in a network: the activation the weight gradient reads.
+      y = conv(jax.nn.relu(x), w, strides, padding, dimension_numbers=dims,
+               feature_group_count=groups)
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+  ours = loss(layers.conv_general_dilated)(x, w)
+  theirs = loss(lax.conv_general_dilated)(x, w)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(ours[1][1]).sum()) > 0  # A real weight gradient was compared.
+
+
+def test_conv_weight_gradient_transposes_the_stored_activation():
+  """The transpose sits in a conditional of its own, out of reach of XLA's fusion."""
+  x = jnp.ones((2, 8, 8, 4))
+  w = jnp.ones((3, 3, 4, 5))
+
+  def compiled(conv):
+    def f(x, w):
+      y = conv(jax.nn.relu(x * 2.0 + 1.0), w, (1, 1), "SAME", dimension_numbers=_NHWC)
+      return jnp.sum(y)
+    return jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().as_text()
+
+  assert compiled(layers.conv_general_dilated).count(" conditional(") == 1
+  assert compiled(lax.conv_general_dilated).count(" conditional(") == 0
+
+
+def test_models_use_the_cpu_convolution_only_on_the_cpu_layer_set(monkeypatch):
+  config = model_config("cnn").model
+  model = create_model(config, 2)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), variables)
+  x = jnp.ones((2, 16, 16, 3))
+
+  def conditionals():
+    def loss(params, x):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+      return jnp.sum(logits)
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
+    return compiled.as_text().count(" conditional(")
+
+  assert conditionals() == 2 * len(config.widths)  # Two convolutions per block.
+  monkeypatch.setattr(layers, "fast_cpu_ops", lambda: False)
+  assert conditionals() == 0

@@ -19,7 +19,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     for _ in range(2):
-      x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
+      x = cpu_layers.conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
       x = cpu_layers.batch_norm(use_running_average=not train, momentum=0.9,
                                 axis_name=self.axis_name if train else None,
                                 dtype=self.dtype)(x)

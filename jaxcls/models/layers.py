@@ -15,10 +15,18 @@ XLA:CPU spends much of a ResNet train step outside the convolutions:
   32), one interleaving copy for the CNN's 2×2/2 pool (61 against 436 ms at batch 64,
   128 px).
 
-Both are used where JAX's default backend is the CPU (`fast_cpu_ops()`); on GPUs and
-TPUs the models keep flax's layers, which their compilers already handle well. The
-batch norm's variables are flax's (params `scale`, `bias`; batch_stats `mean`, `var`),
-with the same update rule, so checkpoints move freely between the two.
+- A convolution's weight gradient needs its input activation transposed (batch and
+  channel axes swapped). XLA fuses that transpose with the ops that made the activation
+  (batch norm, ReLU, the residual add) and recomputes them in transposed order, which
+  is slow; the convolution here transposes the stored activation instead, with the
+  same results bit for bit. The train step takes 0.90 of its time for ResNet-18, 0.80
+  for the catdog CNN and 0.77 for ResNet-50 (128 px, in one process).
+
+All three are used where JAX's default backend is the CPU (`fast_cpu_ops()`); on GPUs
+and TPUs the models keep flax's layers, which their compilers already handle well. The
+variables are flax's (the batch norm's params `scale`, `bias` and batch_stats `mean`,
+`var`, with the same update rule; the convolution is `flax.linen.Conv` itself), so
+checkpoints move freely between the two.
 """
 
 from __future__ import annotations
@@ -223,3 +231,76 @@ def max_pool(x, window: int, stride: int, padding: int | Sequence[int] = 0):
   if x.ndim == 3:  # One unbatched image, as nn.max_pool accepts.
     return _max_pool(x[None], window, stride, pad)[0]
   return _max_pool(x, window, stride, pad)
+
+
+# ---------------------------------------------------------------------------- convolution
+
+def _static(value):
+  """`value` with lists turned into tuples, so it can be a static (hashed) argument."""
+  if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    return tuple(_static(v) for v in value)
+  return value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w, options):
+  return lax.conv_general_dilated(x, w, **dict(options))
+
+
+def _conv_fwd(x, w, options):
+  return _conv(x, w, options), (x, w)
+
+
+def _stored(x, perm):
+  """`x`, read back from a copy that XLA computes from the stored array, not re-derived.
+
+  The weight gradient's convolution wants its input with the batch and feature axes
+  swapped, so XLA transposes the activation. Left to itself, XLA fuses that transpose
+  with the batch-norm, ReLU and residual-add ops that made the activation, and
+  recomputes them in transposed order: one such loop took 27 ms where the plain
+  transpose of the stored array takes 2.5 ms (ResNet-18 layer 1, batch 32, 128 px).
+  Fusion does not reach across a conditional, so the transpose is done inside one.
+  Both branches are the same transpose: whichever the predicate picks, the result is
+  `x`, bit for bit.
+  """
+  flip = lambda a: jnp.transpose(a, perm)
+  flipped = lax.cond(x.reshape(-1)[0] > 0, flip, flip, x)
+  return jnp.transpose(flipped, perm)  # perm swaps two axes: its own inverse.
+
+
+def _conv_bwd(options, residuals, dy):
+  x, w = residuals
+  kwargs = dict(options)
+  dx = jax.vjp(lambda a: lax.conv_general_dilated(a, w, **kwargs), x)[1](dy)[0]
+  specs = lax.conv_dimension_numbers(x.shape, w.shape, kwargs["dimension_numbers"])
+  batch, feature = specs.lhs_spec[:2]
+  perm = list(range(x.ndim))
+  perm[batch], perm[feature] = feature, batch
+  xs = _stored(x, tuple(perm))
+  dw = jax.vjp(lambda b: lax.conv_general_dilated(xs, b, **kwargs), w)[1](dy)[0]
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, same values and gradients, faster weight gradient on CPU.
+
+  Reverse-mode only, like this module's batch norm (no `jax.jvp`).
+  """
+  options = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+                 rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                 feature_group_count=feature_group_count,
+                 batch_group_count=batch_group_count, precision=precision,
+                 preferred_element_type=preferred_element_type)
+  return _conv(lhs, rhs, tuple(sorted((k, _static(v)) for k, v in options.items())))
+
+
+def conv(features: int, kernel_size: Sequence[int], **kwargs) -> nn.Module:
+  """`flax.linen.Conv`; on the CPU backend with this module's convolution (same variables)."""
+  if fast_cpu_ops():
+    kwargs.setdefault("conv_general_dilated", conv_general_dilated)
+  return nn.Conv(features, kernel_size, **kwargs)

@@ -28,9 +28,9 @@ class _Layers:
 
   def conv(self, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                   kernel_init=_conv_init, name=name)
+    return cpu_layers.conv(features, (kernel, kernel), strides=(stride, stride),
+                           padding=((pad, pad), (pad, pad)), use_bias=False,
+                           dtype=self.dtype, kernel_init=_conv_init, name=name)
 
   def norm(self, name: str) -> nn.Module:
     # momentum 0.9 here is PyTorch's momentum 0.1; epsilon is PyTorch's default.
