@@ -249,3 +249,14 @@ def test_models_use_the_cpu_convolution_only_on_the_cpu_layer_set(monkeypatch):
   assert conditionals() == 2 * len(config.widths)  # Two convolutions per block.
   monkeypatch.setattr(layers, "fast_cpu_ops", lambda: False)
   assert conditionals() == 0
+
+
+def test_batch_norm_statistics_stay_accurate_over_a_million_rows():
+  # A catdog-sized first layer (64 images of 128×128), with a mean well away from 0, where
+  # E[x²] − E[x]² magnifies any error in the sums.
+  rng = np.random.default_rng(6)
+  x = rng.normal(3.0, 1.0, (64, 128, 128, 4)).astype(np.float32)
+  mean, var = jax.jit(lambda x: layers._statistics(x, None))(jnp.asarray(x))
+  rows = x.reshape(-1, 4).astype(np.float64)
+  np.testing.assert_allclose(mean, rows.mean(0), rtol=2e-6)
+  np.testing.assert_allclose(var, rows.var(0), rtol=1e-4)

@@ -32,6 +32,7 @@ checkpoints move freely between the two.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Sequence
 
@@ -53,10 +54,20 @@ def fast_cpu_ops() -> bool:
 # ----------------------------------------------------------------------------- batch norm
 
 def _channel_sums(z: jax.Array) -> jax.Array:
-  """Σ over every axis but the last, as a matrix-vector product (float32)."""
+  """Σ over every axis but the last, as a matrix-vector product (float32).
+
+  The rows are first folded into up to 64 groups side by side ([M, C] → [M/k, k·C]), so
+  the product accumulates k shorter sums, which are then added. With all M rows in one
+  sum the dot library's float32 accumulation drifted: 5.9e-4 relative error over
+  1,048,576 rows (the catdog CNN's first layer), against 1.5e-6 with k = 64, and the
+  wider product runs faster too (16.5 against 25.5 ms for both sums there).
+  """
   channels = z.shape[-1]
   rows = z.reshape(-1, channels).astype(jnp.float32)
-  return jnp.ones((rows.shape[0],), jnp.float32) @ rows
+  groups = math.gcd(rows.shape[0], 64)
+  folded = rows.reshape(rows.shape[0] // groups, groups * channels)
+  partial = jnp.ones((folded.shape[0],), jnp.float32) @ folded
+  return partial.reshape(groups, channels).sum(axis=0)
 
 
 def _statistics(x, axis_name):
