@@ -217,7 +217,7 @@ def test_conv_gives_lax_values_and_gradients_bit_for_bit(strides, padding, dims,
 
 
 def test_conv_weight_gradient_transposes_the_stored_activation():
-  """The transpose sits in a conditional of its own, out of reach of XLA's fusion."""
+  """The activation goes through a conditional, out of reach of XLA's fusion."""
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((3, 3, 4, 5))
 
@@ -260,3 +260,44 @@ def test_batch_norm_statistics_stay_accurate_over_a_million_rows():
   rows = x.reshape(-1, 4).astype(np.float64)
   np.testing.assert_allclose(mean, rows.mean(0), rtol=2e-6)
   np.testing.assert_allclose(var, rows.var(0), rtol=1e-4)
+
+
+def test_conv_under_vmap_keeps_its_conditional_and_lax_results():
+  # Per-example gradients with shared weights: the predicate reads the weights, so it is
+  # not batched and the conditional is not turned into a select of two branches.
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(3, 2, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+
+  def per_example(conv):
+    def f(w, x):
+      return jnp.sum(jnp.sin(conv(jax.nn.relu(x), w, (1, 1), "SAME", dimension_numbers=_NHWC)))
+    return jax.jit(jax.vmap(jax.grad(f), in_axes=(None, 0)))
+
+  ours = per_example(layers.conv_general_dilated)
+  np.testing.assert_array_equal(ours(w, x), per_example(lax.conv_general_dilated)(w, x))
+  assert ours.lower(w, x).compile().as_text().count(" conditional(") == 1
+
+
+def test_conv_gradient_of_an_empty_batch_is_zero():
+  w = jnp.ones((3, 3, 4, 5))
+
+  def grads(conv):
+    f = lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC))
+    return jax.grad(f, argnums=(0, 1))(jnp.zeros((0, 8, 8, 4)), w)
+
+  ours, theirs = grads(layers.conv_general_dilated), grads(lax.conv_general_dilated)
+  assert ours[0].shape == (0, 8, 8, 4)
+  np.testing.assert_array_equal(ours[1], theirs[1])
+
+
+def test_batch_norm_traces_with_a_symbolic_batch_size():
+  module = layers.BatchNorm()
+  variables = module.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))
+  batch, = jax.export.symbolic_shape("b")
+  exported = jax.export.export(jax.jit(
+      lambda x: module.apply(variables, x, mutable=["batch_stats"])[0]))(
+          jax.ShapeDtypeStruct((batch, 4, 4, 3), jnp.float32))
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(5, 4, 4, 3)), jnp.float32)
+  np.testing.assert_allclose(exported.call(x), module.apply(
+      variables, x, mutable=["batch_stats"])[0], rtol=1e-5, atol=1e-6)
