@@ -217,7 +217,8 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
   # switched huge pages on (jaxcls/_launch.py), or whatever the user set.
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   from jaxcls.models import layers
-  result["cpu_layers"] = layers.fast_cpu_ops()  # jaxcls's batch norm, max pool, conv in use.
+  # jaxcls's batch norm, max pool and convolution in use.
+  result["cpu_layers"] = layers.fast_cpu_ops()
   result["jax_version"] = jax.__version__
   return result
 

@@ -271,7 +271,8 @@ def test_conv_under_vmap_keeps_its_conditional_and_lax_results():
 
   def per_example(conv):
     def f(w, x):
-      return jnp.sum(jnp.sin(conv(jax.nn.relu(x), w, (1, 1), "SAME", dimension_numbers=_NHWC)))
+      y = conv(jax.nn.relu(x), w, (1, 1), "SAME", dimension_numbers=_NHWC)
+      return jnp.sum(jnp.sin(y))
     return jax.jit(jax.vmap(jax.grad(f), in_axes=(None, 0)))
 
   ours = per_example(layers.conv_general_dilated)

@@ -325,7 +325,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def conv(features: int, kernel_size: Sequence[int], **kwargs) -> nn.Module:
-  """`flax.linen.Conv`; on the CPU backend with this module's convolution (same variables)."""
+  """`flax.linen.Conv`; on the CPU backend with this module's convolution.
+
+  The variables are the same either way.
+  """
   if fast_cpu_ops():
     kwargs.setdefault("conv_general_dilated", conv_general_dilated)
   return nn.Conv(features, kernel_size, **kwargs)
