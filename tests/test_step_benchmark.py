@@ -1,4 +1,5 @@
-"""The step benchmark's figures, the default XLA flags and the training compilation cache."""
+"""The step benchmark's figures, the default XLA flags, the training compilation cache and
+the convolution benchmark's sums."""
 
 import json
 import os
@@ -108,3 +109,21 @@ def test_benchmark_step_command_lines_exit_zero_with_json(tmp_path, command):
   tuned = _launch.tuned_environment_here(os.environ)
   assert printed["glibc_tunables"] == (tuned or os.environ).get("GLIBC_TUNABLES", "")
   assert tuned is None or "glibc.malloc.hugetlb=1" in printed["glibc_tunables"]
+
+
+def test_conv_kernels_benchmark_adds_up_every_resnet18_convolution():
+  pytest.importorskip("torch")
+  script = os.path.join(ROOT, "benchmarks", "conv_kernels.py")
+  result = subprocess.run(
+      [sys.executable, script, "--batch-size", "2", "--image-size", "32", "--rounds", "1",
+       "--threads", "1"], capture_output=True, text=True, check=True, timeout=300)
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  shapes = report["shapes"]
+  # 20 convolutions: the stem, 16 3×3 in the blocks (3 of them strided), 3 1×1 shortcuts.
+  assert sum(row["runs_per_step"] for row in shapes) == 20
+  for side in ("xla", "pytorch"):
+    total = sum(row["runs_per_step"] * (row[f"{side}_forward_ms"] + row[f"{side}_backward_ms"])
+                for row in shapes)
+    assert report[f"{side}_ms"] == pytest.approx(total, abs=0.06)
+    assert all(row[f"{side}_forward_ms"] > 0 for row in shapes)
+  assert report["torch_threads"] == 1
