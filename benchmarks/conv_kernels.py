@@ -103,8 +103,6 @@ def main():
   if args.threads:
     torch.set_num_threads(args.threads)
   rng = np.random.default_rng(0)
-  totals = {"xla_ms": 0.0, "pytorch_ms": 0.0}
-  rows = []
   cases = []
   for name, side, cin, cout, k, stride, count in SHAPES:
     size = max(1, round(args.image_size * side))
@@ -124,6 +122,8 @@ def main():
     pytorch.append((forward, forward_backward - forward))
   print(f"{'convolution':14s} {'runs':>4s} {'XLA fwd':>8s} {'bwd':>7s} {'PyTorch fwd':>12s} "
         f"{'bwd':>7s}  (ms)")
+  totals = {"xla_ms": 0.0, "pytorch_ms": 0.0}
+  rows = []
   for (name, count, _), ours, theirs in zip(cases, xla, pytorch):
     totals["xla_ms"] += count * sum(ours)
     totals["pytorch_ms"] += count * sum(theirs)

@@ -122,8 +122,8 @@ def test_conv_kernels_benchmark_adds_up_every_resnet18_convolution():
   # 20 convolutions: the stem, 16 3×3 in the blocks (3 of them strided), 3 1×1 shortcuts.
   assert sum(row["runs_per_step"] for row in shapes) == 20
   for side in ("xla", "pytorch"):
-    total = sum(row["runs_per_step"] * (row[f"{side}_forward_ms"] + row[f"{side}_backward_ms"])
-                for row in shapes)
+    total = sum(row["runs_per_step"]
+                * (row[f"{side}_forward_ms"] + row[f"{side}_backward_ms"]) for row in shapes)
     assert report[f"{side}_ms"] == pytest.approx(total, abs=0.06)
     assert all(row[f"{side}_forward_ms"] > 0 for row in shapes)
   assert report["torch_threads"] == 1
