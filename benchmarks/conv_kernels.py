@@ -1,16 +1,19 @@
-"""ResNet-18's convolutions one by one: XLA:CPU (what jaxcls runs) against PyTorch (oneDNN).
+"""ResNet-18's convolutions one by one: XLA:CPU's, jaxcls's (oneDNN) and PyTorch's.
 
     python benchmarks/conv_kernels.py [--batch-size 32] [--image-size 128] [--rounds 11]
 
 For each convolution shape of ResNet-18 (stem, the 3×3 and strided 3×3 and 1×1
 convolutions of each stage), times the forward pass and the backward pass (input and
 weight gradients; weight only for the stem, whose input needs none) as separate jitted
-programs, and the same in PyTorch eager with channels-last tensors. Prints a table, then
-one JSON line with the per-step totals (each shape weighted by how often the network runs
-it). XLA's programs are all timed first, then PyTorch's (PyTorch's OpenMP threads spin
-for a while after each call and would slow XLA's if the two were interleaved); the two
-programs of a shape are timed in turn, round after round, after 3 untimed calls each. The question it answers: how much of the gap between the two train steps lies in
-the convolution kernels themselves. Needs torch; not a dependency of jaxcls.
+programs three ways: `lax.conv_general_dilated` (XLA:CPU's Eigen kernels), jaxcls's
+convolution (oneDNN's kernels through XLA FFI, what the models run on CPU; left out
+where `jaxcls.models.onednn` is unavailable), and PyTorch eager with channels-last
+tensors. Prints a table, then one JSON line with the per-step totals (each shape
+weighted by how often the network runs it). Each side's programs are all timed before
+the next side's, since OpenMP threads keep spinning for a while after a call; the two
+programs of a shape are timed in turn, round after round, after 3 untimed calls each.
+The question it answers: how much of the gap between train steps lies in the
+convolution kernels themselves. Needs torch; not a dependency of jaxcls.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 import torch
 
+from jaxcls.models import layers, onednn
+
 # (name, input side as a fraction of the image side, in, out, kernel, stride, count)
 SHAPES = [
     ("stem 7x7/2", 1, 3, 64, 7, 2, 1),
@@ -44,10 +49,10 @@ SHAPES = [
 ]
 
 
-def _xla(x, w, dy, stride, pad, input_grad):
+def _xla(x, w, dy, stride, pad, input_grad, conv_general_dilated=lax.conv_general_dilated):
   def conv(a, b):
-    return lax.conv_general_dilated(a, b, (stride, stride), ((pad, pad), (pad, pad)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv_general_dilated(a, b, (stride, stride), ((pad, pad), (pad, pad)),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def backward(a, b, g):
     grads = jax.vjp(conv, a, b)[1](g)
@@ -112,31 +117,39 @@ def main():
     w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
     dy = rng.standard_normal((args.batch_size, out, out, cout), np.float32)
     cases.append((name, count, (x, w, dy, stride, pad, not name.startswith("stem"))))
-  # All of XLA first, then all of PyTorch: PyTorch's OpenMP threads keep spinning for a
-  # while after each call and would slow XLA's threads if the two were interleaved.
-  xla = [_interleaved_medians(_xla(*case), args.rounds) for _, _, case in cases]
-  pytorch = []
+  # All of XLA first, then jaxcls's (oneDNN), then PyTorch's: OpenMP threads (oneDNN's,
+  # PyTorch's) keep spinning for a while after each call and would slow the others if
+  # they were interleaved.
+  sides = {"xla": [_interleaved_medians(_xla(*case), args.rounds) for _, _, case in cases]}
+  if onednn.available():
+    sides["jaxcls"] = [_interleaved_medians(
+        _xla(*case, conv_general_dilated=layers.conv_general_dilated), args.rounds)
+        for _, _, case in cases]
+  sides["pytorch"] = []
   for _, _, case in cases:
     forward, forward_backward = _interleaved_medians(_torch(*case), args.rounds)
     # Autograd needs its own forward pass: PyTorch's backward alone is the difference.
-    pytorch.append((forward, forward_backward - forward))
-  print(f"{'convolution':14s} {'runs':>4s} {'XLA fwd':>8s} {'bwd':>7s} {'PyTorch fwd':>12s} "
-        f"{'bwd':>7s}  (ms)")
-  totals = {"xla_ms": 0.0, "pytorch_ms": 0.0}
+    sides["pytorch"].append((forward, forward_backward - forward))
+  labels = {"xla": "XLA", "jaxcls": "jaxcls (oneDNN)", "pytorch": "PyTorch"}
+  print(f"{'convolution':14s} {'runs':>4s} " + " ".join(
+      f"{labels[side] + ' fwd':>20s} {'bwd':>7s}" for side in sides) + "  (ms)")
+  totals = {f"{side}_ms": 0.0 for side in sides}
   rows = []
-  for (name, count, _), ours, theirs in zip(cases, xla, pytorch):
-    totals["xla_ms"] += count * sum(ours)
-    totals["pytorch_ms"] += count * sum(theirs)
-    rows.append({"convolution": name, "runs_per_step": count, "xla_forward_ms": ours[0],
-                 "xla_backward_ms": ours[1], "pytorch_forward_ms": theirs[0],
-                 "pytorch_backward_ms": theirs[1]})
-    print(f"{name:14s} {count:4d} {ours[0]:8.2f} {ours[1]:7.2f} {theirs[0]:12.2f} "
-          f"{theirs[1]:7.2f}")
+  for i, (name, count, _) in enumerate(cases):
+    row = {"convolution": name, "runs_per_step": count}
+    for side, times in sides.items():
+      totals[f"{side}_ms"] += count * sum(times[i])
+      row[f"{side}_forward_ms"], row[f"{side}_backward_ms"] = times[i]
+    rows.append(row)
+    print(f"{name:14s} {count:4d} " + " ".join(
+        f"{times[i][0]:20.2f} {times[i][1]:7.2f}" for times in sides.values()))
   result = {"batch_size": args.batch_size, "image_size": args.image_size,
             "torch_threads": torch.get_num_threads(),
             **{k: round(v, 1) for k, v in totals.items()},
-            "ratio_xla_over_pytorch": round(totals["xla_ms"] / totals["pytorch_ms"], 2),
-            "shapes": rows}
+            "ratio_xla_over_pytorch": round(totals["xla_ms"] / totals["pytorch_ms"], 2)}
+  if "jaxcls" in sides:
+    result["ratio_jaxcls_over_pytorch"] = round(totals["jaxcls_ms"] / totals["pytorch_ms"], 2)
+  result["shapes"] = rows
   print(json.dumps(result))
 
 

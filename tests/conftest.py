@@ -11,6 +11,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcls-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# jaxcls's oneDNN convolutions, built once for all tests and their subprocesses, outside
+# the user's cache folder.
+os.environ.setdefault("JAXCLS_CACHE_DIR",
+                      os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxcls-test-cache"))
 
 import pytest  # noqa: E402
 

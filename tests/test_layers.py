@@ -15,7 +15,7 @@ import pytest
 from jaxcls import _xla_defaults
 from jax import lax
 
-from jaxcls.models import create_model, layers
+from jaxcls.models import create_model, layers, onednn
 from model_utils import model_config
 
 
@@ -184,6 +184,13 @@ def test_batch_norm_initializes_in_train_mode_outside_pmap_and_pools_one_image()
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture
+def xla_conv():
+  """Convolutions traced in the test take XLA's path (oneDNN's declines them)."""
+  with onednn.disabled():
+    yield
+
+
 def _conditionals(compiled) -> int:
   """How many conditionals a compiled program holds."""
   return compiled.as_text().count(" conditional(")
@@ -198,7 +205,7 @@ def _conditionals(compiled) -> int:
     ((2, 2), ((1, 1), (1, 1)), _NHWC, 1, jnp.bfloat16),
 ])
 def test_conv_gives_lax_values_and_gradients_bit_for_bit(strides, padding, dims, groups,
-                                                         dtype):
+                                                         dtype, xla_conv):
   rng = np.random.default_rng(5)
   if dims[0] == "NCHW":
     x, w = rng.normal(size=(3, 4, 9, 9)), rng.normal(size=(6, 4, 3, 3))
@@ -221,7 +228,7 @@ def test_conv_gives_lax_values_and_gradients_bit_for_bit(strides, padding, dims,
   assert float(jnp.abs(ours[1][1]).sum()) > 0  # A real weight gradient was compared.
 
 
-def test_conv_weight_gradient_transposes_the_stored_activation():
+def test_conv_weight_gradient_transposes_the_stored_activation(xla_conv):
   """The activation goes through a conditional, out of reach of XLA's fusion."""
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((3, 3, 4, 5))
@@ -243,16 +250,31 @@ def test_models_use_the_cpu_convolution_only_on_the_cpu_layer_set(monkeypatch):
   variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), variables)
   x = jnp.ones((2, 16, 16, 3))
 
-  def conditionals():
+  def compiled():
     def loss(params, x):
       logits, _ = model.apply({**variables, "params": params}, x, train=True,
                               mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
       return jnp.sum(logits)
-    return _conditionals(jax.jit(jax.grad(loss)).lower(variables["params"], x).compile())
+    return jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
 
-  assert conditionals() == 2 * len(config.widths)  # Two convolutions per block.
+  convolutions = 2 * len(config.widths)  # Two per block.
+  with onednn.disabled():
+    assert _conditionals(compiled()) == convolutions
+  if onednn.available():
+    calls = _onednn_calls(compiled())
+    # The first convolution's input is the image: its input gradient is dropped.
+    assert calls == {"forward": convolutions, "backward_data": convolutions - 1,
+                     "backward_weights": convolutions}
   monkeypatch.setattr(layers, "fast_cpu_ops", lambda: False)
-  assert conditionals() == 0
+  assert _conditionals(compiled()) == 0
+  assert sum(_onednn_calls(compiled()).values()) == 0
+
+
+def _onednn_calls(compiled) -> dict[str, int]:
+  """How many calls to each of jaxcls's oneDNN handlers a compiled program makes."""
+  text = compiled.as_text()
+  return {target: text.count(f'custom_call_target="jaxcls_onednn_conv_{target}"')
+          for target in onednn.TARGETS}
 
 
 def test_batch_norm_statistics_stay_accurate_over_a_million_rows():
@@ -266,7 +288,7 @@ def test_batch_norm_statistics_stay_accurate_over_a_million_rows():
   np.testing.assert_allclose(var, rows.var(0), rtol=1e-4)
 
 
-def test_conv_under_vmap_keeps_its_conditional_and_lax_results():
+def test_conv_under_vmap_keeps_its_conditional_and_lax_results(xla_conv):
   # Per-example gradients with shared weights: the predicate reads the weights, so it is
   # not batched and the conditional is not turned into a select of two branches.
   rng = np.random.default_rng(7)

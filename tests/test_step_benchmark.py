@@ -121,7 +121,10 @@ def test_conv_kernels_benchmark_adds_up_every_resnet18_convolution():
   shapes = report["shapes"]
   # 20 convolutions: the stem, 16 3×3 in the blocks (3 of them strided), 3 1×1 shortcuts.
   assert sum(row["runs_per_step"] for row in shapes) == 20
-  for side in ("xla", "pytorch"):
+  from jaxcls.models import onednn
+  sides = ("xla", "jaxcls", "pytorch") if onednn.available() else ("xla", "pytorch")
+  assert ("ratio_jaxcls_over_pytorch" in report) == onednn.available()
+  for side in sides:
     total = sum(row["runs_per_step"]
                 * (row[f"{side}_forward_ms"] + row[f"{side}_backward_ms"]) for row in shapes)
     assert report[f"{side}_ms"] == pytest.approx(total, abs=0.06)

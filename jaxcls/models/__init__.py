@@ -17,6 +17,7 @@ from jaxcls.models.classifier import Classifier
 from jaxcls.models.cnn import CNN
 from jaxcls.models.resnet import ARCHS as RESNET_ARCHS
 from jaxcls.models.resnet import resnet
+from jaxcls.models import onednn
 
 # name → function(model_config, dtype, axis_name) → backbone module.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -78,7 +79,8 @@ def flops_per_image(model: Classifier, variables: Any, image_size: int) -> float
   """
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
   forward = jax.jit(functools.partial(model.apply, train=False))
-  cost = forward.lower(variables, images).compile().cost_analysis()
+  with onednn.disabled():  # XLA counts nothing inside oneDNN's convolutions.
+    cost = forward.lower(variables, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
