@@ -11,6 +11,11 @@ handlers with JAX and offers `conv` (forward) with its gradients as JAX function
 Anything missing (not Linux x86-64, no compiler, no oneDNN runtime, `JAXCLS_ONEDNN=0`)
 makes `available()` False with the reason in `unavailable_reason()`, and the models use
 XLA's convolution instead: same variables, same checkpoints.
+
+oneDNN runs on GNU OpenMP's threads (`OMP_NUM_THREADS`, default: all cores). Like JAX
+itself, it is not safe to use in a child forked after the parent ran a convolution
+(OpenMP's threads do not survive `fork`): jaxcls's loader uses threads, and its
+benchmarks start processes with `spawn`.
 """
 
 from __future__ import annotations
@@ -61,14 +66,14 @@ def runtime_library() -> pathlib.Path | None:
   return None
 
 
-def _build(runtime: pathlib.Path) -> pathlib.Path:
+def _build(runtime: pathlib.Path, rebuild: bool = False) -> pathlib.Path:
   """The compiled handlers: built once per source, jaxlib and runtime, then reused."""
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(),
                str(runtime).encode()):
     key.update(part)
   out = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
-  if out.exists():
+  if out.exists() and not rebuild:
     return out
   compiler = os.environ.get("CXX") or "g++"
   if shutil.which(compiler) is None:
@@ -80,7 +85,10 @@ def _build(runtime: pathlib.Path) -> pathlib.Path:
     command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
                str(SOURCE), "-o", str(built), f"-L{runtime.parent}", f"-l:{runtime.name}",
                f"-Wl,-rpath,{runtime.parent}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+      raise RuntimeError(f"compiling {SOURCE.name} took over 600 s") from None
     if done.returncode:
       raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
     os.replace(built, out)  # Atomic: concurrent builders each leave a whole file.
@@ -101,7 +109,10 @@ def _library() -> ctypes.CDLL | None:
     _reason = f"the oneDNN runtime is not installed (pip install {RUNTIME_PACKAGE})"
     return None
   try:
-    library = ctypes.CDLL(str(_build(runtime)))
+    try:
+      library = ctypes.CDLL(str(_build(runtime)))
+    except OSError:  # A cached build that does not load here (e.g. another host's).
+      library = ctypes.CDLL(str(_build(runtime, rebuild=True)))
     for target in TARGETS:
       jax.ffi.register_ffi_target(f"jaxcls_onednn_conv_{target}",
                                   jax.ffi.pycapsule(getattr(library,
@@ -154,7 +165,9 @@ def geometry(x_shape, w_shape, strides, padding) -> tuple[int, ...] | None:
   if not all(type(d) is int for d in dims):  # Symbolic (exported) shapes.
     return None
   (n, h, w, c), (kh, kw, ci, o) = x_shape, w_shape
-  if ci != c or min(n, h, w, c, kh, kw, o, *strides) <= 0 or min(*padding[0], *padding[1]) < 0:
+  if (ci != c or min(n, h, w, c, kh, kw, o, *strides) <= 0
+      or min(*padding[0], *padding[1]) < 0
+      or h + sum(padding[0]) < kh or w + sum(padding[1]) < kw):  # An empty output.
     return None
   g = (n, h, w, c, o, kh, kw, *strides, *padding[0], *padding[1])
   if not _library().jaxcls_onednn_conv_supported((ctypes.c_int64 * len(g))(*g)):

@@ -19,7 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
+#include <shared_mutex>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -159,9 +159,11 @@ bool MakeReorder(Primitive& p, const_dnnl_memory_desc_t from, const_dnnl_memory_
 
 std::unique_ptr<Plan> MakePlan(const Geometry& g) {
   if (!Engine()) return nullptr;
+  // A window larger than the padded input has no output (C++ division would round the
+  // negative size up to one output row).
+  if (g[H] + g[PT] + g[PB] < g[KH] || g[W] + g[PL] + g[PR] < g[KW]) return nullptr;
   const int64_t oh = OutSize(g[H], g[KH], g[SH], g[PT], g[PB]);
   const int64_t ow = OutSize(g[W], g[KW], g[SW], g[PL], g[PR]);
-  if (oh <= 0 || ow <= 0) return nullptr;
   auto plan = std::make_unique<Plan>();
   plan->g = g;
   // oneDNN's logical orders are NCHW and OIHW whatever the memory layout.
@@ -202,15 +204,20 @@ std::unique_ptr<Plan> MakePlan(const Geometry& g) {
   return ok ? std::move(plan) : nullptr;
 }
 
-// Plans by geometry, made once and kept for the life of the process (one per shape).
+// Plans by geometry, made once and kept for the life of the process (one per shape, a
+// few hundred kilobytes of generated code each). Calls only read the map; a new shape,
+// met when tracing, is planned outside the lock.
 const Plan* GetPlan(const Geometry& g) {
-  static std::mutex mutex;
-  static std::map<Geometry, std::unique_ptr<Plan>>* plans =
-      new std::map<Geometry, std::unique_ptr<Plan>>();
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = plans->find(g);
-  if (it == plans->end()) it = plans->emplace(g, MakePlan(g)).first;
-  return it->second.get();
+  static std::shared_mutex mutex;
+  static auto* plans = new std::map<Geometry, std::unique_ptr<Plan>>();
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex);
+    auto it = plans->find(g);
+    if (it != plans->end()) return it->second.get();
+  }
+  std::unique_ptr<Plan> plan = MakePlan(g);
+  std::unique_lock<std::shared_mutex> lock(mutex);
+  return plans->emplace(g, std::move(plan)).first->second.get();  // First one kept.
 }
 
 // A 64-byte-aligned buffer for one call (reordered weights, scratch).
@@ -249,12 +256,17 @@ ffi::Error Run(const Primitive& p, Args& args, dnnl_stream_t stream) {
   return ffi::Error::Success();
 }
 
-// Converts weights between HWIO and a primitive's layout (`reorder` empty: the same).
+// Converts weights between HWIO and a primitive's layout.
 ffi::Error Reorder(const Primitive& reorder, const_dnnl_memory_desc_t from, void* from_data,
                    const_dnnl_memory_desc_t to, void* to_data, dnnl_stream_t stream) {
+  size_t bytes = reorder.Scratch();
+  Buffer scratch(bytes);
+  if (scratch.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
   Args args;
   args.Add(kArgSrc, from, from_data);
   args.Add(kArgDst, to, to_data);
+  args.Add(kArgScratchpad, dnnl_primitive_desc_query_md(reorder.pd, kQueryScratchpad, 0),
+           scratch.data);
   return Run(reorder, args, stream);
 }
 
@@ -271,18 +283,30 @@ dnnl_stream_t Stream() {
 
 using F32 = ffi::Buffer<ffi::F32, 4>;
 
-ffi::Error Setup(const Geometry& g, const Plan*& plan, dnnl_stream_t& stream) {
+Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, int64_t sh, int64_t sw,
+              int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return {x[0], x[1], x[2], x[3], w[3], w[0], w[1], sh, sw, pt, pb, pl, pr};
+}
+
+// The output gradient's (or output's) dims are those the plan computes.
+ffi::Error CheckOutput(const Geometry& g, ffi::Span<const int64_t> y) {
+  const int64_t expected[4] = {g[N], OutSize(g[H], g[KH], g[SH], g[PT], g[PB]),
+                               OutSize(g[W], g[KW], g[SW], g[PL], g[PR]), g[O]};
+  if (!std::equal(y.begin(), y.end(), expected))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "convolution output shape does not match its input and weights");
+  return ffi::Error::Success();
+}
+
+ffi::Error Setup(const Geometry& g, ffi::Span<const int64_t> y, const Plan*& plan,
+                 dnnl_stream_t& stream) {
+  if (auto e = CheckOutput(g, y); e.failure()) return e;
   plan = GetPlan(g);
   stream = Stream();
   if (!plan || !stream)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "oneDNN cannot run this convolution geometry");
   return ffi::Error::Success();
-}
-
-Geometry Make(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, int64_t sh, int64_t sw,
-              int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return {x[0], x[1], x[2], x[3], w[3], w[0], w[1], sh, sw, pt, pb, pl, pr};
 }
 
 // Weights in the layout `p` reads: HWIO itself, or a reordered copy in `copy`.
@@ -303,8 +327,8 @@ ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32, 4> y, int64_t sh, i
                    int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   const Plan* plan;
   dnnl_stream_t stream;
-  if (auto e = Setup(Make(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr), plan,
-                     stream);
+  if (auto e = Setup(Make(x.dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr),
+                     y->dimensions(), plan, stream);
       e.failure())
     return e;
   std::unique_ptr<Buffer> copy;
@@ -330,8 +354,8 @@ ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32, 4> dx, int64_
                         int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   const Plan* plan;
   dnnl_stream_t stream;
-  if (auto e = Setup(Make(dx->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr), plan,
-                     stream);
+  if (auto e = Setup(Make(dx->dimensions(), w.dimensions(), sh, sw, pt, pb, pl, pr),
+                     dy.dimensions(), plan, stream);
       e.failure())
     return e;
   std::unique_ptr<Buffer> copy;
@@ -358,8 +382,8 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, int
                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   const Plan* plan;
   dnnl_stream_t stream;
-  if (auto e = Setup(Make(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr), plan,
-                     stream);
+  if (auto e = Setup(Make(x.dimensions(), dw->dimensions(), sh, sw, pt, pb, pl, pr),
+                     dy.dimensions(), plan, stream);
       e.failure())
     return e;
   const_dnnl_memory_desc_t md =
