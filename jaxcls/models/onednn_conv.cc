@@ -237,7 +237,8 @@ struct Args {
   bool ok = true;
   void Add(int arg, const_dnnl_memory_desc_t md, void* data) {
     dnnl_memory_t m = nullptr;
-    if (dnnl_memory_create(&m, md, Engine(), data) != 0) {
+    if (count == static_cast<int>(args.size()) ||
+        dnnl_memory_create(&m, md, Engine(), data) != 0) {
       ok = false;
       return;
     }
@@ -248,7 +249,13 @@ struct Args {
   }
 };
 
+// Runs `p` on `args` plus scratch memory of its own (user scratchpad mode).
 ffi::Error Run(const Primitive& p, Args& args, dnnl_stream_t stream) {
+  size_t bytes = p.Scratch();
+  Buffer scratch(bytes);
+  if (scratch.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+  args.Add(kArgScratchpad, dnnl_primitive_desc_query_md(p.pd, kQueryScratchpad, 0),
+           scratch.data);
   if (!args.ok) return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN memory creation failed");
   if (dnnl_primitive_execute(p.prim, stream, args.count, args.args.data()) != 0 ||
       dnnl_stream_wait(stream) != 0)
@@ -259,14 +266,9 @@ ffi::Error Run(const Primitive& p, Args& args, dnnl_stream_t stream) {
 // Converts weights between HWIO and a primitive's layout.
 ffi::Error Reorder(const Primitive& reorder, const_dnnl_memory_desc_t from, void* from_data,
                    const_dnnl_memory_desc_t to, void* to_data, dnnl_stream_t stream) {
-  size_t bytes = reorder.Scratch();
-  Buffer scratch(bytes);
-  if (scratch.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
   Args args;
   args.Add(kArgSrc, from, from_data);
   args.Add(kArgDst, to, to_data);
-  args.Add(kArgScratchpad, dnnl_primitive_desc_query_md(reorder.pd, kQueryScratchpad, 0),
-           scratch.data);
   return Run(reorder, args, stream);
 }
 
@@ -309,18 +311,28 @@ ffi::Error Setup(const Geometry& g, ffi::Span<const int64_t> y, const Plan*& pla
   return ffi::Error::Success();
 }
 
-// Weights in the layout `p` reads: HWIO itself, or a reordered copy in `copy`.
-ffi::Error Weights(const Plan& plan, const Primitive& p, const Primitive& reorder,
-                   void* hwio, std::unique_ptr<Buffer>& copy, void*& data,
-                   dnnl_stream_t stream) {
-  data = hwio;
-  if (!reorder.prim) return ffi::Error::Success();
-  const_dnnl_memory_desc_t md = dnnl_primitive_desc_query_md(p.pd, kQueryWeights, 0);
-  size_t bytes = dnnl_memory_desc_get_size(md);
-  copy = std::make_unique<Buffer>(bytes);
-  if (copy->failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
-  data = copy->data;
-  return Reorder(reorder, plan.hwio->md, hwio, md, data, stream);
+// The forward pass and the input gradient: an activation (`in`) and the HWIO weights
+// (reordered first if `p` wants another layout) make an activation (`out`).
+ffi::Error RunWithWeights(const Plan& plan, const Primitive& p, const Primitive& reorder,
+                          int in_arg, const_dnnl_memory_desc_t in_md, void* in, void* hwio,
+                          int out_arg, const_dnnl_memory_desc_t out_md, void* out,
+                          dnnl_stream_t stream) {
+  const_dnnl_memory_desc_t weights_md = dnnl_primitive_desc_query_md(p.pd, kQueryWeights, 0);
+  void* weights = hwio;
+  size_t bytes = reorder.prim ? dnnl_memory_desc_get_size(weights_md) : 0;
+  Buffer copy(bytes);
+  if (copy.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+  if (reorder.prim) {
+    weights = copy.data;
+    if (auto e = Reorder(reorder, plan.hwio->md, hwio, weights_md, weights, stream);
+        e.failure())
+      return e;
+  }
+  Args args;
+  args.Add(in_arg, in_md, in);
+  args.Add(kArgWeights, weights_md, weights);
+  args.Add(out_arg, out_md, out);
+  return Run(p, args, stream);
 }
 
 ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32, 4> y, int64_t sh, int64_t sw,
@@ -331,23 +343,9 @@ ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32, 4> y, int64_t sh, i
                      y->dimensions(), plan, stream);
       e.failure())
     return e;
-  std::unique_ptr<Buffer> copy;
-  void* weights;
-  if (auto e = Weights(*plan, plan->forward, plan->weights_to_forward, w.typed_data(), copy,
-                       weights, stream);
-      e.failure())
-    return e;
-  size_t bytes = plan->forward.Scratch();
-  Buffer scratch(bytes);
-  if (scratch.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
-  Args args;
-  args.Add(kArgSrc, plan->src->md, x.typed_data());
-  args.Add(kArgWeights, dnnl_primitive_desc_query_md(plan->forward.pd, kQueryWeights, 0),
-           weights);
-  args.Add(kArgDst, plan->dst->md, y->typed_data());
-  args.Add(kArgScratchpad,
-           dnnl_primitive_desc_query_md(plan->forward.pd, kQueryScratchpad, 0), scratch.data);
-  return Run(plan->forward, args, stream);
+  return RunWithWeights(*plan, plan->forward, plan->weights_to_forward, kArgSrc,
+                        plan->src->md, x.typed_data(), w.typed_data(), kArgDst,
+                        plan->dst->md, y->typed_data(), stream);
 }
 
 ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32, 4> dx, int64_t sh,
@@ -358,24 +356,9 @@ ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32, 4> dx, int64_
                      dy.dimensions(), plan, stream);
       e.failure())
     return e;
-  std::unique_ptr<Buffer> copy;
-  void* weights;
-  if (auto e = Weights(*plan, plan->backward_data, plan->weights_to_backward_data,
-                       w.typed_data(), copy, weights, stream);
-      e.failure())
-    return e;
-  size_t bytes = plan->backward_data.Scratch();
-  Buffer scratch(bytes);
-  if (scratch.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
-  Args args;
-  args.Add(kArgDiffDst, plan->dst->md, dy.typed_data());
-  args.Add(kArgWeights, dnnl_primitive_desc_query_md(plan->backward_data.pd, kQueryWeights, 0),
-           weights);
-  args.Add(kArgDiffSrc, plan->src->md, dx->typed_data());
-  args.Add(kArgScratchpad,
-           dnnl_primitive_desc_query_md(plan->backward_data.pd, kQueryScratchpad, 0),
-           scratch.data);
-  return Run(plan->backward_data, args, stream);
+  return RunWithWeights(*plan, plan->backward_data, plan->weights_to_backward_data,
+                        kArgDiffDst, plan->dst->md, dy.typed_data(), w.typed_data(),
+                        kArgDiffSrc, plan->src->md, dx->typed_data(), stream);
 }
 
 ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, int64_t sh,
@@ -389,21 +372,15 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32, 4> dw, int
   const_dnnl_memory_desc_t md =
       dnnl_primitive_desc_query_md(plan->backward_weights.pd, kQueryDiffWeights, 0);
   const bool reorder = plan->backward_weights_to_hwio.prim != nullptr;
-  size_t copy_bytes = reorder ? dnnl_memory_desc_get_size(md) : 0;
-  Buffer copy(copy_bytes);
-  size_t bytes = plan->backward_weights.Scratch();
-  Buffer scratch(bytes);
-  if (copy.failed(copy_bytes) || scratch.failed(bytes))
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
+  size_t bytes = reorder ? dnnl_memory_desc_get_size(md) : 0;
+  Buffer copy(bytes);
+  if (copy.failed(bytes)) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory");
   void* out = reorder ? copy.data : dw->typed_data();
   {
     Args args;
     args.Add(kArgSrc, plan->src->md, x.typed_data());
     args.Add(kArgDiffDst, plan->dst->md, dy.typed_data());
     args.Add(kArgDiffWeights, md, out);
-    args.Add(kArgScratchpad,
-             dnnl_primitive_desc_query_md(plan->backward_weights.pd, kQueryScratchpad, 0),
-             scratch.data);
     if (auto e = Run(plan->backward_weights, args, stream); e.failure()) return e;
   }
   if (!reorder) return ffi::Error::Success();
