@@ -361,8 +361,8 @@ def _onednn_geometry(x, w, options) -> tuple[int, ...] | None:
   if isinstance(padding, str):
     try:
       padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
-    except Exception:  # Symbolic shapes: XLA's convolution handles those.
-      return None
+    except Exception:  # Sizes lax cannot pad here, or a padding name it does not know:
+      return None      # XLA's path handles them, or reports them as lax does.
   return onednn.geometry(x.shape, w.shape, tuple(strides), _static(padding))
 
 

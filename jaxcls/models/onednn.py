@@ -4,9 +4,10 @@ XLA:CPU runs convolutions with Eigen, which packs image patches; oneDNN (the lib
 behind PyTorch's CPU convolutions) reads NHWC directly. `onednn_conv.cc` wraps oneDNN's
 forward, input-gradient and weight-gradient convolutions as XLA FFI handlers. This
 module compiles it once per version of the source, jaxlib and oneDNN runtime (a C++17
-compiler, `$CXX` or `g++`, and the `onednn-cpu-gomp` package are needed; about 3 s),
-keeps the library under `$JAXCLS_CACHE_DIR` (default `~/.cache/jaxcls`), registers the
-handlers with JAX and offers `conv` (forward) with its gradients as JAX functions.
+compiler, `$CXX` or `g++`, and the `onednn-cpu-gomp` package are needed; about 2 s),
+keeps the library under `$JAXCLS_CACHE_DIR` (default `$XDG_CACHE_HOME/jaxcls`, else
+`~/.cache/jaxcls`), registers the handlers with JAX and offers `conv` (forward) with its
+gradients as JAX functions.
 
 Anything missing (not Linux x86-64, no compiler, no oneDNN runtime, `JAXCLS_ONEDNN=0`)
 makes `available()` False with the reason in `unavailable_reason()`, and the models use
@@ -47,6 +48,7 @@ _disabled = contextvars.ContextVar("jaxcls_onednn_disabled", default=False)
 
 
 def cache_dir() -> pathlib.Path:
+  """Where the compiled library is kept."""
   root = os.environ.get("JAXCLS_CACHE_DIR") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxcls")
   return pathlib.Path(root)
@@ -133,7 +135,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str | None:
-  """Why `available()` is False (None when it is True or was not asked yet)."""
+  """Why `available()` is False; None when it is True."""
   _library()
   return _reason
 
