@@ -159,7 +159,8 @@ def geometry(x_shape, w_shape, strides, padding) -> tuple[int, ...] | None:
   """The geometry oneDNN runs (NHWC input, HWIO weights), or None if it cannot.
 
   `padding` is ((top, bottom), (left, right)). Asks the library, which makes and keeps
-  the convolution's primitives, so an unsupported case is found when tracing.
+  the convolution's primitives (and declines a window larger than the padded input), so
+  an unsupported case is found when tracing.
   """
   if _disabled.get() or not available():
     return None
@@ -167,9 +168,7 @@ def geometry(x_shape, w_shape, strides, padding) -> tuple[int, ...] | None:
   if not all(type(d) is int for d in dims):  # Symbolic (exported) shapes.
     return None
   (n, h, w, c), (kh, kw, ci, o) = x_shape, w_shape
-  if (ci != c or min(n, h, w, c, kh, kw, o, *strides) <= 0
-      or min(*padding[0], *padding[1]) < 0
-      or h + sum(padding[0]) < kh or w + sum(padding[1]) < kw):  # An empty output.
+  if ci != c or min(n, h, w, c, kh, kw, o, *strides) <= 0 or min(*padding[0], *padding[1]) < 0:
     return None
   g = (n, h, w, c, o, kh, kw, *strides, *padding[0], *padding[1])
   if not _library().jaxcls_onednn_conv_supported((ctypes.c_int64 * len(g))(*g)):
@@ -201,10 +200,6 @@ def conv(x, w, g):
   return _call("forward", _out_shape(g), x, w, g)
 
 
-def _conv_fwd(x, w, g):
-  return conv(x, w, g), (x, w)
-
-
 def _conv_bwd(g, residuals, dy):
   x, w = residuals
   return backward_data(dy, w, g), backward_weights(x, dy, g)
@@ -214,10 +209,6 @@ def _conv_bwd(g, residuals, dy):
 def backward_data(dy, w, g):
   """The input gradient of `conv` for the output gradient `dy`."""
   return _call("backward_data", g[:4], dy, w, g)
-
-
-def _backward_data_fwd(dy, w, g):
-  return backward_data(dy, w, g), (dy, w)
 
 
 def _backward_data_bwd(g, residuals, ddx):
@@ -231,15 +222,16 @@ def backward_weights(x, dy, g):
   return _call("backward_weights", (g[5], g[6], g[3], g[4]), x, dy, g)
 
 
-def _backward_weights_fwd(x, dy, g):
-  return backward_weights(x, dy, g), (x, dy)
-
-
 def _backward_weights_bwd(g, residuals, ddw):
   x, dy = residuals
   return backward_data(dy, ddw, g), conv(x, ddw, g)
 
 
-conv.defvjp(_conv_fwd, _conv_bwd)
-backward_data.defvjp(_backward_data_fwd, _backward_data_bwd)
-backward_weights.defvjp(_backward_weights_fwd, _backward_weights_bwd)
+def _keeping_operands(fn):
+  """A forward rule: `fn`'s value, with both operands kept for the backward rule."""
+  return lambda a, b, g: (fn(a, b, g), (a, b))
+
+
+conv.defvjp(_keeping_operands(conv), _conv_bwd)
+backward_data.defvjp(_keeping_operands(backward_data), _backward_data_bwd)
+backward_weights.defvjp(_keeping_operands(backward_weights), _backward_weights_bwd)
