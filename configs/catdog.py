@@ -23,18 +23,10 @@ def get_config():
   config.data.train_split = "train[:80%]"  # cats_vs_dogs has only a train split.
   config.data.val_split = "train[80%:]"
   config.data.image_size = 128
-  config.data.val_fraction = 0.2
-  config.augment.flip = True
   config.augment.rotation = 15.0
   config.augment.scale = (0.85, 1.15)
-  config.model.name = "cnn"
   config.model.widths = (32, 64, 128, 256)
   config.model.dropout = 0.4
-  config.batch_size = 64
   config.num_epochs = 30
-  config.optim.learning_rate = 0.05
-  config.optim.momentum = 0.9
-  config.optim.weight_decay = 5e-4
   config.optim.warmup_epochs = 1.0
-  config.train.log_every_steps = 50
   return config

@@ -32,24 +32,14 @@ def get_config():
   config.data.source = "folder:PetImages"
   config.init_from = "/tmp/resnet50_imagenet"
   config.data.image_size = 224
-  config.data.val_fraction = 0.2
-  config.augment.flip = True
-  config.augment.rotation = 10.0
-  config.augment.scale = (0.9, 1.1)
   config.model.name = "resnet50"
-  config.model.head_hidden = ()
   config.model.dropout = 0.2
-  config.batch_size = 64
-  config.num_epochs = 10
   config.optim.learning_rate = 0.01
-  config.optim.momentum = 0.9
   config.optim.nesterov = True
   config.optim.weight_decay = 1e-4
-  config.optim.schedule = "cosine"
   config.optim.warmup_epochs = 0.5
   config.optim.freeze = "backbone"
   config.optim.backbone_lr_mult = 0.1
   config.train.unfreeze_after_epochs = 3
   config.train.label_smoothing = 0.1
-  config.train.log_every_steps = 50
   return config

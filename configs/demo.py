@@ -18,7 +18,6 @@ def get_config():
   config.model.widths = (16, 32, 64)
   config.model.dropout = 0.1
   config.batch_size = 32
-  config.num_epochs = 10
   config.optim.learning_rate = 0.02
   config.train.log_every_steps = 5
   return config

@@ -1,7 +1,19 @@
-"""jaxcls: train image classifiers with JAX/Flax and serve their predictions."""
+"""jaxcls: train image classifiers with JAX/Flax and serve their predictions.
 
-from jaxcls import _xla_defaults
+Importing jaxcls sets no process option (no environment variable, no XLA flag); the
+command-line programs do that (`jaxcls.cpu.process`).
 
-_xla_defaults.apply()
+    from jaxcls import train_and_evaluate, Predictor   # loaded on first use
+"""
 
-__version__ = "0.1.0"
+import importlib
+
+__version__ = "0.2.0"
+
+_EXPORTS = {"train_and_evaluate": "jaxcls.train", "Predictor": "jaxcls.serve.predictor"}
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'jaxcls' has no attribute {name!r}")

@@ -4,7 +4,8 @@ A checkpoint at step N is the folder `WORKDIR/checkpoints/N/` with these items:
 - `state`: step, params, batch_stats and optimizer state, saved unreplicated so that it
   restores on any number of devices;
 - `meta`: JSON with the config, the class names, the epoch, the metrics at that step,
-  the best validation result so far and the running sums of the epoch in progress;
+  the best validation result so far and the running sums of the epoch in progress (its
+  format is `jaxcls.workdir.RunMeta`'s, which owns it);
 - `metrics`: Orbax's own record of the validation accuracy (epoch ends only), which it
   uses to find the best checkpoint.
 
@@ -23,6 +24,8 @@ folders are removed the next time a writable manager opens the folder.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -49,6 +52,19 @@ def ranking_key(metrics: dict) -> tuple:
   return (1, float(accuracy), -int(metrics["step"]))
 
 
+@contextlib.contextmanager
+def _orbax_notices_hidden():
+  """Orbax logs two warnings through absl for every read-only manager ("read only",
+  "setting save_interval_steps=0"): expected when reading, noise to a library user."""
+  logger = logging.getLogger("absl")
+  previous = logger.level
+  logger.setLevel(max(previous, logging.ERROR))
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
   """A manager that keeps the last `keep` checkpoints and the best one."""
@@ -58,12 +74,24 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=ranking_key, n=1,
                        keep_checkpoints_without_metrics=False)])
-  options = ocp.CheckpointManagerOptions(
-      create=not read_only, read_only=read_only, preservation_policy=keep_policy,
-      best_fn=ranking_key, best_mode="max", cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=async_save and not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "meta"))
+  with _orbax_notices_hidden() if read_only else contextlib.nullcontext():
+    options = ocp.CheckpointManagerOptions(
+        create=not read_only, read_only=read_only, preservation_policy=keep_policy,
+        best_fn=ranking_key, best_mode="max", cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=async_save and not read_only)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_names=("state", "meta"))
+
+
+def latest_complete_step(workdir: str) -> int | None:
+  """The newest checkpoint on disk that was fully written (temporary folders ignored)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  mngr = manager(workdir, read_only=True)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
@@ -109,15 +137,6 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
   """The step with the best validation accuracy, or the latest if none was validated."""
   best = mngr.best_step()
   return mngr.latest_step() if best is None else best
-
-
-def describe(step: int, meta: dict) -> str:
-  """'step 12 (epoch 2, val accuracy 0.9167)', or 'step 7 (mid-epoch 2)'."""
-  metrics = meta.get("metrics") or {}
-  if metrics.get("step") == step and "val_accuracy" in metrics:
-    return (f"step {step} (epoch {metrics['epoch']}, "
-            f"val accuracy {metrics['val_accuracy']:.4f})")
-  return f"step {step} (mid-epoch {int(meta.get('epoch', 0)) + 1})"
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:

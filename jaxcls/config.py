@@ -13,8 +13,10 @@ from typing import Any
 
 import ml_collections
 
+from jaxcls.errors import JaxclsError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxclsError, ValueError):
   """A configuration value is missing, unknown or out of range."""
 
 
@@ -119,15 +121,45 @@ def _type_ok(default: Any, value: Any) -> bool:
   return isinstance(value, type(default))
 
 
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def closest_keys(key: str, known) -> list[str]:
+  """Up to three known keys a mistyped `key` most likely meant.
+
+  Spelling slips (difflib on the whole key and on its last part) and abbreviations by
+  initials ("optim.lr" → optim.learning_rate, "optim.wd" → optim.weight_decay).
+  """
+  known = list(known)
+  section, _, leaf = key.rpartition(".")
+  found = [k for k in known if k.rpartition(".")[0] == section
+           and _initials(k.rpartition(".")[2]) == leaf]
+  found += difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+  leaves = {k.rpartition(".")[2]: k for k in known}
+  found += [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=3,
+                                                          cutoff=0.75)]
+  return list(dict.fromkeys(found))[:3]
+
+
+def unknown_key_error(key: str, known, given_as: str = "") -> ConfigError:
+  """The error for a key the schema lacks, naming the closest known ones."""
+  close = closest_keys(key, known)
+  if close:
+    hint = f" Did you mean {', '.join(close)}?"
+  else:
+    sections = sorted({k.split(".")[0] + (".*" if "." in k else "") for k in known})
+    hint = f" Known keys: {', '.join(sections)} (all in jaxcls/config.py)."
+  return ConfigError(f"Unknown config key '{key}'{given_as}.{hint}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first unknown key, wrong type or bad value."""
   known = _flatten(base_config())
   given = _flatten(config)
   for key, value in given.items():
     if key not in known:
-      close = difflib.get_close_matches(key, known, n=3)
-      hint = f" Did you mean {', '.join(close)}?" if close else ""
-      raise ConfigError(f"Unknown config key '{key}'.{hint}")
+      raise unknown_key_error(key, known)
     if not _type_ok(known[key], value):
       raise ConfigError(
           f"Config key '{key}' is {value!r} ({type(value).__name__}); expected a "

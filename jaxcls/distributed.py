@@ -25,6 +25,8 @@ from typing import Callable, Sequence, TypeVar
 import jax
 import numpy as np
 
+from jaxcls.errors import JaxclsError
+
 T = TypeVar("T")
 
 MODES = ("auto", "on", "off")
@@ -32,7 +34,7 @@ MODES = ("auto", "on", "off")
 log = logging.getLogger("jaxcls")
 
 
-class DistributedError(ValueError):
+class DistributedError(JaxclsError, ValueError):
   """The distributed flags are inconsistent; says which and how to fix them."""
 
 

@@ -1,7 +1,9 @@
 """Import torchvision / timm ResNet weights as a jaxcls workdir.
 
-    python -m jaxcls.pretrained import --arch resnet50 --weights resnet50.pth \
+    jaxcls-pretrained import --arch resnet50 --weights resnet50.pth \
         --out /tmp/resnet50_imagenet [--classes imagenet_classes.txt] [--image-size 224]
+
+(the program is `jaxcls/cli/pretrained.py`; `python -m jaxcls.pretrained` still works).
 
 `--weights` is a PyTorch state dict: a `.pth`/`.pt`/`.bin` file (read with
 `torch.load(..., weights_only=True)`, so it never runs code from the file; needs torch)
@@ -18,14 +20,11 @@ unchanged except for that normalization.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import pickle
 import re
 import struct
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -35,9 +34,11 @@ import numpy as np
 from jaxcls import checkpoint
 from jaxcls import config as config_lib
 from jaxcls import optim
+from jaxcls import workdir as workdir_lib
+from jaxcls.errors import JaxclsError
 from jaxcls.models import create_model
 from jaxcls.models.resnet import ARCHS
-from jaxcls.train import TrainState, create_train_state
+from jaxcls.steps import TrainState, apply_model, create_train_state
 
 # torchvision's ImageNet normalization, scaled to 0..255 pixels.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -50,7 +51,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(JaxclsError, ValueError):
   """The weights file cannot be read or does not fit the architecture."""
 
 
@@ -225,46 +226,19 @@ def import_weights(arch: str, weights: str, out: str, classes_file: str | None =
   variables = convert(state_dict, {"params": target.params,
                                    "batch_stats": target.batch_stats})
   tx = optim.create_optimizer(config.optim, 1, config.num_epochs)
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+  state = TrainState.create(apply_fn=apply_model(model), params=variables["params"], tx=tx,
                             batch_stats=variables["batch_stats"])
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  out = workdir_lib.prepare(out)
+  workdir_lib.write_config(out, config)
   mngr = checkpoint.manager(out, keep=1)
-  checkpoint.save(mngr, 0, state, {
-      "config": config.to_dict(), "class_names": class_names, "epoch": 0, "step": 0,
-      "metrics": {}, "imported_from": {"arch": arch, "weights": os.path.abspath(weights)}})
+  workdir_lib.save_checkpoint(mngr, state, workdir_lib.RunMeta(
+      config=config.to_dict(), class_names=tuple(class_names), step=0, epoch=0,
+      imported_from={"arch": arch, "weights": os.path.abspath(weights)}))
   mngr.wait_until_finished()
   mngr.close()
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.pretrained",
-                                   description="Pretrained weights for jaxcls.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  imp = commands.add_parser("import", help="Convert a torchvision/timm ResNet state dict "
-                            "into a jaxcls workdir.")
-  imp.add_argument("--arch", required=True, choices=sorted(ARCHS))
-  imp.add_argument("--weights", required=True, help=".pth/.pt/.bin or .safetensors file.")
-  imp.add_argument("--out", required=True, help="New workdir to write.")
-  imp.add_argument("--classes", default=None, help="Text file: one class name per line.")
-  imp.add_argument("--image-size", type=int, default=224)
-  args = parser.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
-    out = import_weights(args.arch, args.weights, args.out, args.classes, args.image_size)
-  except (WeightsError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"Wrote {out}. Check it: python -m jaxcls.predict --workdir {out} IMAGE; "
-        f"fine-tune from it: --config.init_from={out}")
-  return 0
-
-
-def run():
-  sys.exit(main())
-
-
-if __name__ == "__main__":
-  run()
+if __name__ == "__main__":  # `python -m jaxcls.pretrained`, kept for one release.
+  from jaxcls.cli.pretrained import cli
+  cli()

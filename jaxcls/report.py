@@ -1,8 +1,9 @@
 """What the model learned: curves, confusion matrix, per-class scores, top losses, calibration.
 
-    python -m jaxcls.report --workdir DIR [--step N] [--top-k 24] [--bins 10]
+    jaxcls-report --workdir DIR [--step N] [--top-k 24] [--bins 10]
 
-writes `DIR/report/` (or `--out`) and prints its path:
+(the program is `jaxcls/cli/report.py`) writes `DIR/report/` (or `--out`) and prints
+its path:
 
 - `curves.png`: loss and accuracy per epoch (train vs validation) and the learning rate;
 - `confusion_matrix.png`: counts and row-normalised rates on the validation set;
@@ -14,36 +15,31 @@ writes `DIR/report/` (or `--out`) and prints its path:
 - `index.html`: all of it on one page; images are referenced relatively, so the folder
   reads offline and can be copied elsewhere whole.
 
-The evaluation is training's own: the checkpoint is loaded with
-`Predictor.from_workdir`, the validation split is rebuilt from the checkpoint's config
-with `sources.build_dataset`, batches come from `loader.eval_batches` (the same
-preprocessing, padding and masking) and go through `train.eval_outputs`, the function
-whose sums are the validation metrics in `metrics.jsonl`.
+The evaluation is training's own: the checkpoint is loaded with `workdir.load_run`, the
+validation split is rebuilt from the checkpoint's config with `sources.build_dataset`,
+batches come from `loader.eval_batches` (the same preprocessing, padding and masking)
+and go through `steps.eval_outputs`, the function whose sums are the validation metrics
+in `metrics.jsonl`. Top-loss pictures are read through the source (a file, a zip member,
+a TFDS record), so the report works for every kind of source.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
 import html
 import json
-import logging
 import os
-import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcls import checkpoint
-from jaxcls import config as config_lib
-from jaxcls import metrics as metrics_lib
-from jaxcls import train
+from jaxcls import metric_writers, steps
+from jaxcls import workdir as workdir_lib
 from jaxcls.data import loader, preprocess, sources
-from jaxcls.predict import Predictor
 
 REPORT_DIR = "report"
 THUMBNAIL_SIZE = 160  # Longest side, in pixels, of a top-losses picture.
@@ -59,6 +55,7 @@ class Evaluation:
   labels: np.ndarray  # int [N]
   logits: np.ndarray  # float32 [N, C]
   losses: np.ndarray  # float32 [N]
+  source: Any = dataclasses.field(default=None, repr=False, compare=False)  # For pictures.
 
   @property
   def probabilities(self) -> np.ndarray:
@@ -82,7 +79,8 @@ class Evaluation:
 @functools.partial(jax.jit, static_argnames=("model",))
 def _eval_outputs(variables: dict, images, labels, *, model):
   # The model is static (hashable, equal when rebuilt): one compile per model and shape.
-  return train.eval_outputs(model.apply, variables, {"image": images, "label": labels})
+  return steps.eval_outputs(steps.apply_model(model), variables,
+                            {"image": images, "label": labels})
 
 
 def evaluate_examples(variables: dict, model, source, class_names: Sequence[str], *,
@@ -90,7 +88,7 @@ def evaluate_examples(variables: dict, model, source, class_names: Sequence[str]
                       progress: bool = True) -> Evaluation:
   """Logits and losses of every example of `source`, computed as evaluation does.
 
-  Batches come from `loader.eval_batches` and go through `train.eval_outputs`; padding
+  Batches come from `loader.eval_batches` and go through `steps.eval_outputs`; padding
   rows are dropped. One device and one jit: no collectives are needed per example.
   """
   batches = loader.eval_batches(source, batch_size=batch_size, image_size=image_size,
@@ -107,7 +105,7 @@ def evaluate_examples(variables: dict, model, source, class_names: Sequence[str]
     labels.append(batch["label"][keep])
   result = Evaluation(source.root, tuple(source.paths), tuple(class_names),
                       np.concatenate(labels), np.concatenate(logits).astype(np.float32),
-                      np.concatenate(losses).astype(np.float32))
+                      np.concatenate(losses).astype(np.float32), source)
   if len(result.labels) != len(source) or np.any(result.labels != np.asarray(source.labels)):
     raise RuntimeError(f"Evaluation returned {len(result.labels)} examples for a split of "
                        f"{len(source)}, or in another order; the loader's contract broke.")
@@ -309,10 +307,13 @@ def plot_reliability(cal: dict, path: str) -> None:
   fig.savefig(path)
 
 
-def save_thumbnail(source_path: str, out_path: str) -> None:
-  """The original file, upright and at most THUMBNAIL_SIZE px, as PNG."""
+def save_thumbnail(source, index: int, out_path: str) -> None:
+  """Example `index` of `source` as stored (not resized for the model), upright and at
+  most THUMBNAIL_SIZE px, as PNG. Read through the source: a file, a zip member or a
+  TFDS record alike (a decode cache is looked through to the original)."""
   from PIL import Image
-  img = preprocess.decode(source_path, draft_size=THUMBNAIL_SIZE)
+  original = getattr(source, "source", source)  # jaxcls.data.cache keeps the original.
+  img = preprocess.decode(original[index]["data"], draft_size=THUMBNAIL_SIZE)
   img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
   img.save(out_path)
 
@@ -416,23 +417,20 @@ def load_validation(workdir: str, step: int | None = None,
 
   Returns the per-example Evaluation and the checkpoint's metadata.
   """
-  predictor = Predictor.from_workdir(workdir, step=step)
-  mngr = checkpoint.manager(workdir, read_only=True)
-  meta = checkpoint.restore_meta(mngr, predictor.step)
-  mngr.close()
-  config = config_lib.from_dict(meta["config"])
+  run = workdir_lib.load_run(workdir, step)
+  config = run.config
   workers = sources.worker_count(config.data.workers)
   dataset = sources.build_dataset(config.data, config.seed, workdir, workers)
-  if tuple(dataset.class_names) != tuple(predictor.class_names):
+  if tuple(dataset.class_names) != tuple(run.class_names):
     raise sources.DataError(
-        f"The checkpoint was trained on classes {list(predictor.class_names)}, but "
+        f"The checkpoint was trained on classes {list(run.class_names)}, but "
         f"{config.data.source} now has {list(dataset.class_names)}. Restore the data "
         "as it was for training.")
   evaluation = evaluate_examples(
-      predictor.variables, predictor.model, dataset.val, predictor.class_names,
+      run.variables, run.model, dataset.val, run.class_names,
       batch_size=config.batch_size, image_size=config.data.image_size, workers=workers,
       progress=progress)
-  return evaluation, {**meta, "step": predictor.step}
+  return evaluation, run.meta
 
 
 def build_report(workdir: str, step: int | None = None, out_dir: str | None = None, *,
@@ -453,8 +451,8 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
   cal = calibration(probabilities.max(axis=-1),
                     evaluation.predictions == evaluation.labels, bins)
   top = top_losses(evaluation, top_k)
-  rows = metrics_lib.read_metrics(workdir)
-  recorded = _recorded_val(rows, meta["step"])
+  rows = metric_writers.read_metrics(workdir)
+  recorded = _recorded_val(rows, meta.step)
 
   files = {"confusion_matrix": "confusion_matrix.png", "per_class": "per_class.csv",
            "reliability": "reliability.png", "top_losses": "top_losses.png",
@@ -467,7 +465,7 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
   thumbnails = [os.path.join(gallery, f"{rank:03d}.png")
                 for rank in range(len(top))]
   for item, thumb in zip(top, thumbnails):
-    save_thumbnail(os.path.join(evaluation.root, item["path"]), thumb)
+    save_thumbnail(evaluation.source, item["index"], thumb)
   plot_top_losses(top, thumbnails, os.path.join(out_dir, files["top_losses"]))
   with open(os.path.join(out_dir, files["per_class"]), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
@@ -476,8 +474,8 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
 
   summary = {
       "workdir": workdir, "report_dir": out_dir, "data_root": evaluation.root,
-      "step": meta["step"],
-      "epoch": meta.get("epoch"), "class_names": list(names),
+      "step": meta.step,
+      "epoch": meta.epoch, "class_names": list(names),
       "count": int(len(evaluation.labels)), "accuracy": evaluation.accuracy,
       "loss": evaluation.loss,
       "recorded_accuracy": recorded["accuracy"] if recorded else None,
@@ -492,44 +490,6 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
   return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m jaxcls.report",
-      description="Figures and tables of what a trained model learned (validation set).")
-  parser.add_argument("--workdir", required=True, help="The training run's workdir.")
-  parser.add_argument("--step", type=int, default=None,
-                      help="Checkpoint step (default: the one predict uses).")
-  parser.add_argument("--out", default=None, help="Report folder (default WORKDIR/report).")
-  parser.add_argument("--top-k", type=int, default=24, help="Images in the top-losses gallery.")
-  parser.add_argument("--bins", type=int, default=10, help="Confidence bins for the ECE.")
-  parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
-  args = parser.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices.
-  if args.top_k < 0 or args.bins < 1:
-    print(f"error: --top-k={args.top_k} and --bins={args.bins}; use --top-k >= 0 and "
-          "--bins >= 1.", file=sys.stderr)
-    return 2
-  try:
-    summary = build_report(args.workdir, args.step, args.out, top_k=args.top_k,
-                           bins=args.bins, progress=not args.no_progress)
-  except (FileNotFoundError, ValueError, preprocess.ImageError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"step {summary['step']}: {summary['count']} validation images, accuracy "
-        f"{summary['accuracy']:.4f}, loss {summary['loss']:.4f}, "
-        f"ECE {summary['ece']:.4f}")
-  recorded = summary["recorded_accuracy"]
-  if recorded is not None and abs(recorded - summary["accuracy"]) > 1e-9:
-    print(f"warning: metrics.jsonl recorded accuracy {recorded:.4f} at this step; the "
-          "validation files may have changed since training.", file=sys.stderr)
-  print(format_table(summary["per_class"]))
-  print(summary["report_dir"])
-  return 0
-
-
-def run():
-  sys.exit(main())
-
-
-if __name__ == "__main__":
-  run()
+if __name__ == "__main__":  # `python -m jaxcls.report`, kept for one release.
+  from jaxcls.cli.report import cli
+  cli()

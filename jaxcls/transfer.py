@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcls import checkpoint
 from jaxcls import config as config_lib
+from jaxcls import workdir as workdir_lib
 
 log = logging.getLogger("jaxcls")
 
@@ -37,21 +37,16 @@ class Source:
 
 
 def load_source(workdir: str) -> Source:
-  """Reads the latest checkpoint of `workdir` (ConfigError if it has none)."""
-  from jaxcls.predict import Predictor  # Rebuilds any workdir's model from its meta.
+  """Reads the best (else the latest) checkpoint of `workdir` (ConfigError if none)."""
   workdir = os.path.expanduser(workdir)
   try:
-    predictor = Predictor.from_workdir(workdir)
+    run = workdir_lib.load_run(workdir)
   except FileNotFoundError as e:
     raise config_lib.ConfigError(
         f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir, "
         "or import weights first: python -m jaxcls.pretrained import --arch resnet50 "
         f"--weights FILE --out {workdir}") from None
-  mngr = checkpoint.manager(workdir, read_only=True)
-  meta = checkpoint.restore_meta(mngr, predictor.step)
-  mngr.close()
-  return Source(workdir, config_lib.from_dict(meta["config"]), predictor.class_names,
-                jax.device_get(predictor.variables))
+  return Source(workdir, run.config, run.class_names, jax.device_get(run.variables))
 
 
 def adopt_source_model(config: ml_collections.ConfigDict,

@@ -18,6 +18,8 @@ os.environ.setdefault("JAXCLS_CACHE_DIR",
 
 import pytest  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The repository.
+
 from jaxcls.config import base_config  # noqa: E402
 from jaxcls.data import sources  # noqa: E402
 
@@ -62,8 +64,31 @@ def make_config():
 def predict_workdir(tmp_path_factory, shapes_dir):
   """A workdir with a tiny-model checkpoint (random weights, no training: seconds, not
   a minute) for the shapes_dir classes."""
-  from jaxcls.predict_benchmark import write_random_workdir
+  from jaxcls.benchmark.predict import write_random_workdir
   workdir = str(tmp_path_factory.mktemp("predict_workdir"))
   write_random_workdir(workdir, tiny_config(f"folder:{shapes_dir}"), ("disc", "stripes"),
                        step=6)
   return workdir
+
+
+@pytest.fixture
+def mock_cats_vs_dogs(monkeypatch):
+  """Fake cats_vs_dogs records holding encoded PNG bytes, as a prepared set would.
+
+  mock_data encodes its random images with TensorFlow; without TensorFlow installed
+  (the normal case: it is only needed to prepare a set) the same PNGs come from Pillow.
+  """
+  import importlib.util
+  import io
+  import numpy as np
+  import tensorflow_datasets as tfds
+  from PIL import Image
+  from tensorflow_datasets.core.features import image_feature
+  if importlib.util.find_spec("tensorflow") is None:
+    def encode_png(self, array):
+      buffer = io.BytesIO()
+      Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+      return buffer.getvalue()
+    monkeypatch.setattr(image_feature._ImageEncoder, "_encode_image", encode_png)
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield

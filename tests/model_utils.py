@@ -10,7 +10,8 @@ import numpy as np
 from jaxcls import optim
 from jaxcls.config import base_config
 from jaxcls.models import create_model
-from jaxcls.train import TrainState, replicate, root_key, train_step
+from jaxcls.parallel import replicate
+from jaxcls.steps import TrainState, apply_model, root_key, train_step
 
 AXIS = "batch"
 
@@ -48,7 +49,7 @@ def make_state(config, num_classes: int, image_size: int, seed: int = 0) -> Trai
   model = create_model(config.model, num_classes, axis_name=AXIS)
   variables = numpy_variables(model, image_size, seed)
   tx = optim.create_optimizer(config.optim, steps_per_epoch=10, num_epochs=1)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+  return TrainState.create(apply_fn=apply_model(model), params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
 
 

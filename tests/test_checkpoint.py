@@ -24,7 +24,9 @@ import pytest
 
 import jaxcls
 from conftest import tiny_config
-from jaxcls import checkpoint, metrics, predict, train
+from jaxcls import checkpoint, metric_writers, parallel, resume, steps, train
+from jaxcls.cli import predict as predict_cli
+from jaxcls.serve import predictor as predict
 from jaxcls import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(jaxcls.__file__)))
@@ -63,7 +65,7 @@ def reference(shapes_dir, compile_cache, tmp_path_factory):
   """The uninterrupted run: its workdir (checkpoints 4, 6, 8, 12, 16, 18), final state."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   state, final = train.train_and_evaluate(resume_config(shapes_dir), workdir)
-  assert final["stop_reason"] == "finished" and final["final_step"] == 18
+  assert final.stop_reason == "finished" and final.final_step == 18
   return workdir, jax.device_get(state)
 
 
@@ -126,8 +128,8 @@ train.train_and_evaluate(config, sys.argv[2])
 
 CLI_MAIN = """
 sys.argv = ["run_train.py", "--config", sys.argv[1], "--workdir", sys.argv[2]]
-from jaxcls.main import run
-run()
+from jaxcls.cli.train import main
+sys.exit(main())
 """
 
 CONFIG_FILE = """
@@ -188,12 +190,12 @@ def test_sigkill_then_rerun_is_bit_identical(shapes_dir, reference, tmp_path):
     kills.append(committed_steps(workdir)[-1])
   assert kills[-1] < STEPS_PER_EPOCH * NUM_EPOCHS, "the run finished before the kill"
   state, final = train.train_and_evaluate(config, workdir)  # The same call again.
-  assert final["stop_reason"] == "finished" and final["final_step"] == 18
+  assert final.stop_reason == "finished" and final.final_step == 18
   assert_states_identical(state, ref_state)
   # A replayed step is logged once: the rows after the checkpoint were dropped.
-  train_steps = [r["step"] for r in metrics.read_metrics(workdir) if r["split"] == "train"]
+  train_steps = [r["step"] for r in metric_writers.read_metrics(workdir) if r["split"] == "train"]
   assert len(train_steps) == len(set(train_steps))
-  assert final["val_accuracy"] == metrics.read_metrics(ref_workdir)[-1]["accuracy"]
+  assert final.last_epoch.val_accuracy == metric_writers.read_metrics(ref_workdir)[-1]["accuracy"]
 
 
 def test_sigterm_saves_current_step_and_says_how_to_resume(shapes_dir, reference,
@@ -202,7 +204,7 @@ def test_sigterm_saves_current_step_and_says_how_to_resume(shapes_dir, reference
   config = resume_config(shapes_dir, **{"checkpoint.every_steps": 0})  # Epoch ends only.
   workdir = str(tmp_path / "run")
   process = start_training(tmp_path, config, workdir, cli=True)
-  metrics_file = os.path.join(workdir, metrics.METRICS_FILE)
+  metrics_file = os.path.join(workdir, metric_writers.METRICS_FILE)
   wait_for(lambda: os.path.exists(metrics_file) and os.path.getsize(metrics_file) > 0,
            process)
   process.send_signal(signal.SIGTERM)
@@ -223,7 +225,7 @@ def test_sigterm_saves_current_step_and_says_how_to_resume(shapes_dir, reference
     assert [x.tobytes() for x in saved_arrays(workdir, stopped)] == [
         x.tobytes() for x in saved_arrays(ref_workdir, stopped)]
   state, final = train.train_and_evaluate(config, workdir)
-  assert final["final_step"] == 18
+  assert final.final_step == 18
   assert_states_identical(state, ref_state)
 
 
@@ -243,7 +245,7 @@ def test_resume_on_other_device_counts_and_back(shapes_dir, compile_cache, tmp_p
   def continue_run(workdir, num_epochs, devices):
     deterministic.num_epochs = num_epochs
     state, final = train.train_and_evaluate(deterministic, workdir, devices=devices)
-    assert final["final_step"] == num_epochs * STEPS_PER_EPOCH
+    assert final.final_step == num_epochs * STEPS_PER_EPOCH
     return state, final
 
   there_and_back = copy_workdir(str(tmp_path / "ref"), str(tmp_path / "a"), up_to_step=6)
@@ -255,7 +257,7 @@ def test_resume_on_other_device_counts_and_back(shapes_dir, compile_cache, tmp_p
     worst = max(float(np.max(np.abs(x - y)))
                 for x, y in zip(state_leaves(state), state_leaves(ref_state)))
     assert worst < 1e-4, f"largest difference from the 8-device run: {worst}"
-    assert final["val_accuracy"] == pytest.approx(ref_final["val_accuracy"], abs=0.06)
+    assert final.last_epoch.val_accuracy == pytest.approx(ref_final.last_epoch.val_accuracy, abs=0.06)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_dir, reference, tmp_path):
@@ -278,25 +280,25 @@ def test_changed_structure_is_an_error_changed_schedule_a_warning(shapes_dir, re
   ref_workdir, _ = reference
   mngr = checkpoint.manager(ref_workdir, read_only=True)
   meta = checkpoint.restore_meta(mngr)
-  classes = meta["class_names"]
+  classes, saved = meta["class_names"], config_lib.from_dict(meta["config"])
   for key, value in [("model.widths", (8, 32)), ("data.image_size", 24),
                      ("model.name", "other")]:
     changed = resume_config(shapes_dir, **{key: value})
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-      train._check_resume_compatible(meta["config"], changed, classes, classes)
+      resume.check_compatible(saved, changed, classes, classes)
   with pytest.raises(config_lib.ConfigError, match="classes"):
-    train._check_resume_compatible(meta["config"], resume_config(shapes_dir), classes,
-                                   ["disc", "stripes", "triangle"])
+    resume.check_compatible(saved, resume_config(shapes_dir), classes,
+                            ["disc", "stripes", "triangle"])
   # Settings that change the optimizer state's structure cannot change on resume.
   for key, value in [("optim.momentum", 0.0), ("optim.grad_clip_norm", 1.0),
                      ("optim.freeze", "backbone"), ("optim.weight_decay", 0.0)]:
     changed = resume_config(shapes_dir, **{key: value})
     with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
-      train._check_resume_compatible(meta["config"], changed, classes, classes)
+      resume.check_compatible(saved, changed, classes, classes)
   caplog.set_level(logging.WARNING, logger="jaxcls")
   changed = resume_config(shapes_dir, num_epochs=5, **{"optim.learning_rate": 0.01,
                                                        "data.workers": 1})
-  warned = train._check_resume_compatible(meta["config"], changed, classes, classes)
+  warned = resume.check_compatible(saved, changed, classes, classes)
   assert warned == ["num_epochs", "optim.learning_rate"]
   assert "optim.learning_rate=0.01" in caplog.text and "num_epochs=5" in caplog.text
 
@@ -321,8 +323,8 @@ def test_best_checkpoint_survives_rotation_and_early_stopping(shapes_dir, refere
       "checkpoint.keep": 1, "train.early_stopping_patience": 2})
   workdir = str(tmp_path / "run")
   _, final = train.train_and_evaluate(config, workdir)
-  assert final["stop_reason"] == "early_stopping"
-  assert final["final_step"] == final["step"] == 4 * STEPS_PER_EPOCH
+  assert final.stop_reason == "early_stopping"
+  assert final.final_step == final.last_epoch.step == 4 * STEPS_PER_EPOCH
   assert committed_steps(workdir) == [12, 24]  # The best, and the latest.
   mngr = checkpoint.manager(workdir, read_only=True)
   assert checkpoint.best_step(mngr) == 12
@@ -341,15 +343,15 @@ def test_best_checkpoint_survives_rotation_and_early_stopping(shapes_dir, refere
     predict.Predictor.from_workdir(workdir, step=13)
   image = os.path.join(shapes_dir, "disc", sorted(os.listdir(
       os.path.join(shapes_dir, "disc")))[0])
-  assert predict.main(["--workdir", workdir, image]) == 0
+  assert predict_cli.main(["--workdir", workdir, image]) == 0
   err = capsys.readouterr().err
   assert "Loaded the best checkpoint: step 12 (epoch 2, val accuracy 0.8000)" in err
-  predict.main(["--workdir", workdir, "--step", "24", image])
+  predict_cli.main(["--workdir", workdir, "--step", "24", image])
   assert "Loaded the requested checkpoint: step 24" in capsys.readouterr().err
 
   # The same command again does not train past the early stop.
   _, again = train.train_and_evaluate(config, workdir)
-  assert again["stop_reason"] == "early_stopping" and again["final_step"] == 24
+  assert again.stop_reason == "already_stopped_early" and again.final_step == 24
   assert committed_steps(workdir) == [12, 24]
 
 
@@ -392,7 +394,7 @@ def test_full_disk_is_a_clear_error_and_checkpoints_survive(shapes_dir, referenc
   # Space freed: the same call resumes and ends where the reference ended.
   filler.unlink()
   state, final = train.train_and_evaluate(config, workdir)
-  assert final["final_step"] == 18
+  assert final.final_step == 18
   assert_states_identical(state, ref_state)
 
 
@@ -425,10 +427,10 @@ def test_unwritable_workdir_is_a_clear_error_and_checkpoints_survive(
 
 def test_interrupted_metrics_line_and_replayed_rows_are_dropped(tmp_path):
   rows = [{"step": s, "split": "train", "loss": 1.0} for s in (2, 4, 6, 8)]
-  path = tmp_path / metrics.METRICS_FILE
+  path = tmp_path / metric_writers.METRICS_FILE
   path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "spl')
-  assert metrics.drop_rows_after(str(tmp_path), 4) == 3
-  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [2, 4]
+  assert metric_writers.drop_rows_after(str(tmp_path), 4) == 3
+  assert [r["step"] for r in metric_writers.read_metrics(str(tmp_path))] == [2, 4]
 
 
 def test_ranking_prefers_accuracy_then_earlier_step():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxcls import checkpoint, distributed, metrics, train
+from jaxcls import checkpoint, distributed, metric_writers, parallel, steps, train
 from jaxcls.data import loader, sources
 from jaxcls.models import create_model
 
@@ -172,9 +172,9 @@ class Runs:
         Run(two_epochs, self.multi_then_single, cache, processes=1, devices=4),
         Run(two_epochs, self.single_then_multi, cache, processes=2, devices=2))
     model = create_model(self.config.model, len(self.dataset.class_names),
-                         axis_name=train.AXIS)
+                         axis_name=parallel.AXIS)
     # Shapes and dtypes only: nothing is compiled to describe what to restore.
-    self.target = jax.eval_shape(lambda: train.create_train_state(
+    self.target = jax.eval_shape(lambda: steps.create_train_state(
         self.config, model, jax.random.key(0), self.steps_per_epoch))
 
   def state(self, workdir: str, step: int | None = None):
@@ -200,7 +200,7 @@ def assert_trees_close(actual, expected, rtol=2e-5, atol=2e-6):
 
 
 def rows(workdir: str, split: str) -> list[dict]:
-  return [r for r in metrics.read_metrics(workdir) if r["split"] == split]
+  return [r for r in metric_writers.read_metrics(workdir) if r["split"] == split]
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_only_process_zero_reports(runs):
   assert "Classes" in main_output and "Process 0 of 2" in main_output
   assert "Done:" not in other_output and "epoch 1/1" not in other_output
   assert "Classes" not in other_output  # Info logs are process 0's.
-  keys = [(r["step"], r["split"]) for r in metrics.read_metrics(runs.multi)]
+  keys = [(r["step"], r["split"]) for r in metric_writers.read_metrics(runs.multi)]
   assert len(keys) == len(set(keys)) > 0, "each row once: process 1 wrote none"
   assert os.path.exists(os.path.join(runs.multi, "config.json"))
 

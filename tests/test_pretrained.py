@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxcls import pretrained
-from jaxcls.predict import Predictor
+from jaxcls.cli import pretrained as pretrained_cli
+from jaxcls.serve import Predictor
 
 
 def torch_resnet(arch: str, num_classes: int, seed: int = 0):
@@ -138,7 +139,7 @@ def test_resnet50_pth_import_matches_pytorch_logits(tmp_path):
   classes = tmp_path / "classes.txt"
   classes.write_text("tench\ngoldfish\nshark\n\nhen\nostrich\n")
   out = str(tmp_path / "imported")
-  assert pretrained.main(["import", "--arch", "resnet50", "--weights", weights,
+  assert pretrained_cli.main(["import", "--arch", "resnet50", "--weights", weights,
                           "--out", out, "--classes", str(classes)]) == 0
   batch = images(2, 64)
   expected, got = torch_logits(model, batch), jax_logits(out, batch)
@@ -193,6 +194,6 @@ def test_weights_for_another_architecture_are_refused_with_the_missing_names(tmp
 
 
 def test_cli_reports_a_missing_file(tmp_path, capsys):
-  code = pretrained.main(["import", "--arch", "resnet18", "--weights",
+  code = pretrained_cli.main(["import", "--arch", "resnet18", "--weights",
                           str(tmp_path / "nope.pth"), "--out", str(tmp_path / "out")])
   assert code == 2 and "No weights file" in capsys.readouterr().err

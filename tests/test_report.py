@@ -6,13 +6,17 @@ import json
 import math
 import os
 import struct
+import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcls import metrics, report, train
 from conftest import tiny_config
+from jaxcls import metric_writers, report, train
+from jaxcls.benchmark.predict import write_random_workdir
+from jaxcls.cli import report as report_cli
+from jaxcls.data import preprocess, sources
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def evaluation(run):
 
 
 def _recorded(workdir, step):
-  rows = [r for r in metrics.read_metrics(workdir) if r["split"] == "val" and
+  rows = [r for r in metric_writers.read_metrics(workdir) if r["split"] == "val" and
           r["step"] == step]
   assert len(rows) == 1
   return rows[0]
@@ -39,7 +43,7 @@ def _recorded(workdir, step):
 def test_confusion_matrix_matches_recorded_accuracy(run, evaluation):
   workdir, last = run
   evaluation, meta = evaluation
-  recorded = _recorded(workdir, meta["step"])
+  recorded = _recorded(workdir, meta.step)
   matrix = report.confusion_matrix(evaluation.labels, evaluation.predictions,
                                    len(evaluation.class_names))
   assert matrix.sum() == recorded["count"] == len(evaluation.paths)
@@ -154,8 +158,8 @@ def test_epoch_curves_weight_rows_by_steps():
 def test_report_writes_every_file(run, evaluation, tmp_path, capsys):
   workdir, _ = run
   evaluation, meta = evaluation
-  assert report.main(["--workdir", workdir, "--step", str(meta["step"]), "--top-k", "5",
-                      "--no-progress"]) == 0
+  assert report_cli.main(["--workdir", workdir, "--step", str(meta.step), "--top-k", "5",
+                          "--no-progress"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   report_dir = os.path.join(workdir, "report")
   assert out[-1] == report_dir
@@ -214,7 +218,7 @@ def test_tensorboard_has_scalars_and_an_augmented_grid(run):
   assert {"train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec",
           "val/loss", "val/accuracy"} <= tags
   val_accuracy = [v for step, tag, v in events if tag == "val/accuracy"]
-  assert val_accuracy == [pytest.approx(last["val_accuracy"], abs=1e-6)]
+  assert val_accuracy == [pytest.approx(last.last_epoch.val_accuracy, abs=1e-6)]
   grids = [(step, v) for step, tag, v in events if tag == "train/augmented_images"]
   assert len(grids) == 1 and grids[0][0] == 0
   grid = np.asarray(Image.open(io.BytesIO(grids[0][1])))
@@ -229,12 +233,12 @@ def test_image_grid_places_and_clips():
   images = np.zeros((3, 2, 2, 3), np.float32)
   images[0] = 255.6
   images[2] = 7.4
-  grid = metrics.image_grid(images, columns=2, pad=1)
+  grid = metric_writers.image_grid(images, columns=2, pad=1)
   assert grid.shape == (7, 7, 3) and grid.dtype == np.uint8
   assert (grid[1:3, 1:3] == 255).all() and (grid[4:6, 1:3] == 7).all()
   assert (grid[1:3, 4:6] == 0).all() and grid[0].max() == 0
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-    metrics.image_grid(np.zeros((2, 2, 3)))
+    metric_writers.image_grid(np.zeros((2, 2, 3)))
 
 
 def test_figures_for_many_classes_and_no_mistakes(tmp_path):
@@ -252,5 +256,46 @@ def test_figures_for_many_classes_and_no_mistakes(tmp_path):
 
 
 def test_report_without_checkpoints_says_so(tmp_path, capsys):
-  assert report.main(["--workdir", str(tmp_path), "--no-progress"]) == 2
-  assert "No checkpoints" in capsys.readouterr().err
+  assert report_cli.main(["--workdir", str(tmp_path), "--no-progress"]) == 2
+  assert capsys.readouterr().err.startswith(f"error: No checkpoints in '{tmp_path}'")
+
+
+def _zip_of(folder: str, archive: str) -> str:
+  with zipfile.ZipFile(archive, "w") as zf:
+    for root, _, files in os.walk(folder):
+      for name in files:
+        path = os.path.join(root, name)
+        zf.write(path, os.path.join("Shapes", os.path.relpath(path, folder)))
+  return archive
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip", "generated", "tfds"])
+def test_report_reads_its_pictures_through_every_kind_of_source(kind, shapes_dir, tmp_path,
+                                                                make_config, request):
+  """The top-loss pictures come from the source itself: a file, a zip member, a TFDS
+  record. A model with random weights makes enough mistakes to fill the gallery."""
+  spec = {"folder": f"folder:{shapes_dir}", "generated": "generated:shapes",
+          "zip": "zip:" + _zip_of(shapes_dir, str(tmp_path / "shapes.zip")),
+          "tfds": "tfds:cats_vs_dogs"}[kind]
+  overrides = {"data.generated_per_class": 20}
+  if kind == "tfds":
+    request.getfixturevalue("mock_cats_vs_dogs")
+    overrides.update({"data.train_split": "train[:50%]", "data.val_split": "train[50%:]"})
+  config = make_config(spec, **overrides)
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  dataset = sources.build_dataset(config.data, config.seed, workdir)
+  write_random_workdir(workdir, config, dataset.class_names, step=3)
+  summary = report.build_report(workdir, top_k=4, progress=False)
+  assert summary["count"] == len(dataset.val)
+  top = summary["top_losses"]
+  assert len(top) == min(4, round((1 - summary["accuracy"]) * summary["count"])) >= 1
+  original = getattr(dataset.val, "source", dataset.val)
+  for rank, item in enumerate(top):
+    with Image.open(os.path.join(summary["report_dir"], "top_losses",
+                                 f"{rank:03d}.png")) as thumb:
+      expected = preprocess.decode(original[item["index"]]["data"],
+                                   draft_size=report.THUMBNAIL_SIZE)
+      expected.thumbnail((report.THUMBNAIL_SIZE,) * 2, Image.Resampling.BILINEAR)
+      assert thumb.size == expected.size
+      np.testing.assert_array_equal(np.asarray(thumb.convert("RGB")), np.asarray(expected))

@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from conftest import tiny_config
 from jaxcls import checkpoint
 from jaxcls.config import ConfigError
-from jaxcls.predict import Predictor
+from jaxcls.serve import Predictor
 from jaxcls.train import train_and_evaluate
 
 
@@ -86,7 +86,7 @@ def test_two_class_checkpoint_initialises_a_three_class_run(shapes_dir, source_r
   shutil.rmtree(copied)
   config.num_epochs = 2
   state, final = train_and_evaluate(config, workdir)
-  assert final["epoch"] == 2
+  assert final.last_epoch.epoch == 2
   assert source.params["head"]["kernel"].shape == (16, 2)
   assert state.params["head"]["kernel"].shape == (12, 3)
   assert state.params["head"]["hidden_0"]["kernel"].shape == (16, 12)

@@ -1,45 +1,18 @@
 """Look at the data before training on it: counts, splits, skipped files, and a grid.
 
-    python -m jaxcls.data.inspect --config configs/catdog.py [--config.KEY=VALUE ...] \
+    jaxcls-inspect --config configs/catdog.py [--config.KEY=VALUE ...] \
         --out grid.png [--workdir DIR] [--num 16]
 
-Prints one JSON object (class names, examples per class in each split, split sizes, the
-number of skipped files and where they are listed) and writes a grid of augmented
-training examples, each titled with its class: exactly what the first training batch
-looks like to the model, after on-device augmentation.
+(the program is `jaxcls/cli/inspect.py`) prints one JSON object (class names, examples
+per class in each split, split sizes, the number of skipped files and where they are
+listed) and writes a grid of augmented training examples, each titled with its class:
+exactly what the first training batch looks like to the model, after on-device
+augmentation.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import tempfile
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from jaxcls import config as config_lib
-
-
-
-def define_flags() -> dict:
-  """Defined only when run as a program, so importing this module defines no flags."""
-  found = {
-      "config": config_flags.DEFINE_config_file(
-          "config", None, "Recipe file (configs/*.py); override keys with "
-          "--config.KEY=VALUE.", lock_config=True),
-      "out": flags.DEFINE_string("out", "grid.png", "Where to write the grid."),
-      "workdir": flags.DEFINE_string(
-          "workdir", None, "Where the verification cache and skipped_files.jsonl go "
-          "(default: a new temporary folder). Give the training workdir to reuse its cache."),
-      "num": flags.DEFINE_integer("num", 16, "How many training examples to draw."),
-  }
-  flags.mark_flags_as_required(["config"])
-  return found
-
-
-_FLAGS: dict = {}
 
 
 def labels_of(source) -> list[int]:
@@ -99,27 +72,6 @@ def write_grid(images, labels, class_names, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  from jaxcls.data import sources  # pylint: disable=import-outside-toplevel
-  from jaxcls.data.preprocess import ImageError  # pylint: disable=import-outside-toplevel
-  config = _FLAGS["config"].value
-  workdir = _FLAGS["workdir"].value or tempfile.mkdtemp(prefix="jaxcls-inspect-")
-  try:
-    config_lib.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    dataset = sources.build_dataset(config.data, config.seed, workdir)
-    summary = summarize(dataset, workdir)
-    images, labels = augmented_examples(dataset, config, _FLAGS["num"].value)
-  except (config_lib.ConfigError, sources.DataError, ImageError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  write_grid(images, labels, dataset.class_names, _FLAGS["out"].value)
-  summary["grid"] = os.path.abspath(_FLAGS["out"].value)
-  print(json.dumps(summary, indent=2))
-
-
-if __name__ == "__main__":
-  _FLAGS.update(define_flags())
-  app.run(main)
+if __name__ == "__main__":  # `python -m jaxcls.data.inspect`, kept for one release.
+  from jaxcls.cli.inspect import cli
+  cli()

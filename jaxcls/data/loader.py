@@ -9,19 +9,16 @@ With several processes, every process computes the same global batch and keeps i
 contiguous slice of it, so the global batch does not depend on the process count.
 
 A host batch is a dict of numpy arrays: `image` uint8 [B, S, S, 3], `label` int32 [B],
-`mask` bool [B] (False on padding rows of the last evaluation batch).
+`mask` bool [B] (False on padding rows of the last evaluation batch); `jaxcls.parallel`
+shards it over the devices.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 from typing import Iterator, Sequence
 
 import grain
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcls.data import preprocess
 
@@ -86,31 +83,3 @@ def eval_batches(source, *, batch_size: int, image_size: int, workers: int = 1,
   batches = grain.MapDataset.range(num_batches).map(batch_at)
   options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=min(2 * workers, 16))
   return iter(batches.to_iter_dataset(options))
-
-
-def shard(batch: dict, num_devices: int) -> dict:
-  """[B, ...] → [num_devices, B / num_devices, ...]."""
-  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
-
-
-def device_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
-  """Leading axis split over `devices`: the layout pmap takes and returns."""
-  return NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
-
-
-def prefetch_to_devices(batches: Iterator[dict], devices: Sequence[jax.Device],
-                        size: int = 2) -> Iterator[dict]:
-  """Shards host batches over `devices` and keeps `size` of them in flight."""
-  queue = collections.deque()
-  sharding = device_sharding(devices)
-
-  def put(batch):
-    return jax.device_put(shard(batch, len(devices)), sharding)
-
-  for batch in itertools.islice(batches, size):
-    queue.append(put(batch))
-  for batch in batches:
-    queue.append(put(batch))
-    yield queue.popleft()
-  while queue:
-    yield queue.popleft()

@@ -16,6 +16,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxcls.errors import JaxclsError
+
 # A small file that claims to hold a huge image (a "decompression bomb") is refused
 # before any pixel is allocated. 100 megapixels is more than any photo set needs.
 MAX_PIXELS = 100_000_000
@@ -23,7 +25,7 @@ MAX_PIXELS = 100_000_000
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(JaxclsError, ValueError):
   """An input that cannot be turned into an image; names the input and the reason."""
 
   def __init__(self, name: str, reason: str):

@@ -2,28 +2,37 @@
 
 Parameters are grouped as {"backbone": ..., "head": ...}, so freezing, transfer learning
 and per-group learning rates address the same two names whatever the architecture.
+
+A backbone is any `flax.linen` module that maps normalized images [N, H, W, 3] to
+features [N, D] and takes `train`. Register one under a name, from any file (a config
+file, say), and `model.name` picks it:
+
+    @jaxcls.models.register("mynet")
+    def mynet(model_config, dtype, axis_name):
+      return MyNet(dtype=dtype, axis_name=axis_name)
+
+`axis_name` is the pmap axis to average batch-norm statistics over while training.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from jaxcls.errors import JaxclsError
 from jaxcls.models.classifier import Classifier
 from jaxcls.models.cnn import CNN
 from jaxcls.models.resnet import ARCHS as RESNET_ARCHS
 from jaxcls.models.resnet import resnet
-from jaxcls.models import onednn
 
 # name → function(model_config, dtype, axis_name) → backbone module.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str):
+  """Decorator: makes `model.name=name` build the backbone the function returns."""
   def wrap(fn):
     BACKBONES[name] = fn
     return fn
@@ -46,6 +55,10 @@ for _arch in RESNET_ARCHS:
   _register_resnet(_arch)
 
 
+class UnknownModelError(JaxclsError, ValueError):
+  """`model.name` names no registered backbone."""
+
+
 def create_model(model_config, num_classes: int, axis_name: str | None = None, *,
                  backbone_bn_train: bool = True) -> Classifier:
   """Builds the configured classifier.
@@ -56,8 +69,10 @@ def create_model(model_config, num_classes: int, axis_name: str | None = None, *
   backbone).
   """
   if model_config.name not in BACKBONES:
-    raise ValueError(f"Unknown model.name '{model_config.name}'; choose one of "
-                     f"{sorted(BACKBONES)}.")
+    raise UnknownModelError(
+        f"model.name '{model_config.name}' is not a registered model; choose one of "
+        f"{sorted(BACKBONES)}, or import the file that registers it with "
+        "jaxcls.models.register first.")
   dtype = jnp.dtype(model_config.dtype)
   return Classifier(
       backbone=BACKBONES[model_config.name](model_config, dtype, axis_name),
@@ -68,20 +83,3 @@ def create_model(model_config, num_classes: int, axis_name: str | None = None, *
       dtype=dtype,
       head_hidden=tuple(model_config.head_hidden),
       backbone_bn_train=backbone_bn_train)
-
-
-def flops_per_image(model: Classifier, variables: Any, image_size: int) -> float | None:
-  """XLA's cost analysis of the compiled inference forward pass on one image.
-
-  A multiply-add counts as two FLOPs (ResNet-50 at 224 px: about 8.0e9). `variables`
-  may be abstract (`jax.ShapeDtypeStruct`s): nothing runs. None if the backend gives no
-  estimate.
-  """
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
-  forward = jax.jit(functools.partial(model.apply, train=False))
-  with onednn.disabled():  # XLA counts nothing inside oneDNN's convolutions.
-    cost = forward.lower(variables, images).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops is not None and flops >= 0 else None

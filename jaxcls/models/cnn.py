@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-from jaxcls.models import layers as cpu_layers
 
 
 class ConvBlock(nn.Module):
@@ -18,13 +17,13 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             axis_name=self.axis_name if train else None,
+                             dtype=self.dtype)
     for _ in range(2):
-      x = cpu_layers.conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
-      x = cpu_layers.batch_norm(use_running_average=not train, momentum=0.9,
-                                axis_name=self.axis_name if train else None,
-                                dtype=self.dtype)(x)
-      x = nn.relu(x)
-    return cpu_layers.max_pool(x, 2, 2)
+      x = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x)
+      x = nn.relu(norm()(x))
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
 class CNN(nn.Module):

@@ -9,35 +9,28 @@ symmetric, so the same input gives the same output as the PyTorch model.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-
-from jaxcls.models import layers as cpu_layers
 
 # He initialization on fan-out, as torchvision initializes its ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class _Layers:
-  """Conv and batch-norm factories sharing dtype, batch-norm mode and pmap axis."""
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 kernel_init=_conv_init, name=name)
 
-  def __init__(self, dtype: Any, train: bool, axis_name: str | None):
-    self.dtype, self.train, self.axis_name = dtype, train, axis_name
 
-  def conv(self, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    pad = kernel // 2
-    return cpu_layers.conv(features, (kernel, kernel), strides=(stride, stride),
-                           padding=((pad, pad), (pad, pad)), use_bias=False,
-                           dtype=self.dtype, kernel_init=_conv_init, name=name)
-
-  def norm(self, name: str) -> nn.Module:
-    # momentum 0.9 here is PyTorch's momentum 0.1; epsilon is PyTorch's default.
-    return cpu_layers.batch_norm(use_running_average=not self.train, momentum=0.9,
-                                 epsilon=1e-5,
-                                 axis_name=self.axis_name if self.train else None,
-                                 dtype=self.dtype, name=name)
+def _norm(train: bool, axis_name: str | None, dtype: Any) -> Callable[..., nn.BatchNorm]:
+  # momentum 0.9 here is PyTorch's momentum 0.1; epsilon is PyTorch's default.
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, axis_name=axis_name if train else None,
+                           dtype=dtype)
 
 
 class BasicBlock(nn.Module):
@@ -49,10 +42,11 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    layers = _Layers(self.dtype, train, self.axis_name)
-    y = nn.relu(layers.norm("bn1")(layers.conv(self.features, 3, self.stride, "conv1")(x)))
-    y = layers.norm("bn2")(layers.conv(self.features, 3, 1, "conv2")(y))
-    return nn.relu(y + _shortcut(x, self.features, self.stride, layers))
+    norm = _norm(train, self.axis_name, self.dtype)
+    y = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = norm(name="bn2")(_conv(self.features, 3, 1, "conv2", self.dtype)(y))
+    return nn.relu(y + _shortcut(x, self.features, self.stride, norm, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -64,18 +58,19 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    layers = _Layers(self.dtype, train, self.axis_name)
-    y = nn.relu(layers.norm("bn1")(layers.conv(self.features, 1, 1, "conv1")(x)))
-    y = nn.relu(layers.norm("bn2")(layers.conv(self.features, 3, self.stride, "conv2")(y)))
-    y = layers.norm("bn3")(layers.conv(self.features * 4, 1, 1, "conv3")(y))
-    return nn.relu(y + _shortcut(x, self.features * 4, self.stride, layers))
+    norm = _norm(train, self.axis_name, self.dtype)
+    y = nn.relu(norm(name="bn1")(_conv(self.features, 1, 1, "conv1", self.dtype)(x)))
+    y = _conv(self.features, 3, self.stride, "conv2", self.dtype)(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = norm(name="bn3")(_conv(self.features * 4, 1, 1, "conv3", self.dtype)(y))
+    return nn.relu(y + _shortcut(x, self.features * 4, self.stride, norm, self.dtype))
 
 
-def _shortcut(x, features: int, stride: int, layers: _Layers):
+def _shortcut(x, features: int, stride: int, norm, dtype):
   """Identity, or torchvision's `downsample` (1×1 strided conv + batch norm)."""
   if stride == 1 and x.shape[-1] == features:
     return x
-  return layers.norm("downsample_bn")(layers.conv(features, 1, stride, "downsample_conv")(x))
+  return norm(name="downsample_bn")(_conv(features, 1, stride, "downsample_conv", dtype)(x))
 
 
 class ResNet(nn.Module):
@@ -87,9 +82,9 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    layers = _Layers(self.dtype, train, self.axis_name)
-    x = nn.relu(layers.norm("bn1")(layers.conv(64, 7, 2, "conv1")(x)))
-    x = cpu_layers.max_pool(x, 3, 2, 1)
+    norm = _norm(train, self.axis_name, self.dtype)
+    x = nn.relu(norm(name="bn1")(_conv(64, 7, 2, "conv1", self.dtype)(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, blocks in enumerate(self.stage_sizes):
       for index in range(blocks):
         stride = 2 if stage > 0 and index == 0 else 1

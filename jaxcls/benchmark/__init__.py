@@ -1,0 +1,31 @@
+"""Every throughput figure jaxcls measures, behind one entry point:
+
+    python -m jaxcls.benchmark NAME [ARGS]      (NAME --help for each one's flags)
+
+| NAME | module | measures |
+|---|---|---|
+| `step` | step.py | the train step: compile time, FLOPs, images/sec, % of matmul peak |
+| `loader` | loader.py | decoding, the step, and the step fed by the real loader |
+| `predict` | predict.py | predict's cold start, warm latency and throughput |
+| `compare-cpu` | compare_cpu.py | jaxcls against PyTorch eager on this CPU, same run |
+| `torch-resnet18` | torch_resnet18.py | PyTorch's side of that comparison |
+| `conv-kernels` | conv_kernels.py | ResNet-18's convolutions alone: XLA, oneDNN, PyTorch |
+| `checkpoint` | checkpoint_overhead.py | step time with checkpoints off, async, sync |
+| `report-speed` | report_speed.py | how long the report takes |
+| `gpu` | gpu.py | ResNet-50, 224 px, bfloat16 on one accelerator |
+
+Each module has a `main(argv)`; the figures and when they were measured are in
+`benchmarks/README.md`.
+"""
+
+COMMANDS = {
+    "step": "jaxcls.benchmark.step",
+    "loader": "jaxcls.benchmark.loader",
+    "predict": "jaxcls.benchmark.predict",
+    "compare-cpu": "jaxcls.benchmark.compare_cpu",
+    "torch-resnet18": "jaxcls.benchmark.torch_resnet18",
+    "conv-kernels": "jaxcls.benchmark.conv_kernels",
+    "checkpoint": "jaxcls.benchmark.checkpoint_overhead",
+    "report-speed": "jaxcls.benchmark.report_speed",
+    "gpu": "jaxcls.benchmark.gpu",
+}

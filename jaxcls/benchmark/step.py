@@ -1,0 +1,234 @@
+"""How fast the train step is, and how close it comes to what the machine can do.
+
+    python -m jaxcls.benchmark step --config configs/catdog.py [--steps 10] \
+        [--no-augment] [--config.model.name=resnet18 --config.batch_size=32 ...]
+
+Prints one JSON object: the first step's compile time, XLA's FLOPs per image of the
+whole compiled train step (augmentation, forward, backward, optimizer; a multiply-add
+counts as two), step images/sec (median of timed steps on synthetic uint8 batches, so
+decoding is not in it), the achieved GFLOP/s, the machine's float32 matmul peak measured
+in the same run, and the percent of that peak. The step is the one training runs
+(`jaxcls.train.pmapped_train_step`), on all local devices. `cpu_fast_convolutions`
+says whether the compiled step calls oneDNN's convolutions (`jaxcls.cpu`): read from
+the compiled program, so it holds for any model, a user's own included.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxcls.cli import common
+
+try:
+  from jaxcls import cpu
+except ImportError:  # jaxcls without its CPU layers (docs/cpu.md): XLA's step is measured.
+  cpu = None
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> dict:
+  """The best float32 GFLOP/s of one large jitted matmul on the default device.
+
+  The reference the train step is measured against: what XLA reaches on this machine,
+  measured in the same run, so a busy or throttled machine lowers both figures.
+  """
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return {"matmul_size": size, "matmul_dtype": jnp.dtype(dtype).name,
+          "matmul_peak_gflops": 2 * size ** 3 / min(times) / 1e9}
+
+
+def _no_augmentation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = copy.deepcopy(config)
+  config.augment.flip = False
+  config.augment.rotation = 0.0
+  config.augment.scale = (1.0, 1.0)
+  return config
+
+
+def _synthetic_batch(config, devices, num_classes: int) -> dict:
+  from jaxcls import parallel
+  size, batch_size = config.data.image_size, config.batch_size
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+           "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
+  return jax.device_put(parallel.shard(batch, len(devices)),
+                        parallel.device_sharding(devices))
+
+
+def _initial_state(config, num_classes: int, devices):
+  """(replicated train state, step key) for `config`, as training starts them."""
+  from jaxcls import parallel, steps
+  from jaxcls.models import create_model
+  model = create_model(config.model, num_classes, axis_name=parallel.AXIS)
+  init_rng, step_rng = jax.random.split(steps.root_key(config.seed))
+  state = steps.create_train_state(config, model, init_rng, steps_per_epoch=1000)
+  return parallel.replicate(state, devices), step_rng
+
+
+def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
+                       warmup: int = 2, augment: bool = True, num_classes: int = 2,
+                       devices=None) -> dict:
+  """Compile time, FLOPs per image and images/sec of the training step for `config`.
+
+  Returns a dict: `compile_s` (lowering + XLA compilation of the first step; small when
+  the persistent compilation cache already holds it), `init_s`, `step_flops_per_image`,
+  `step_images_per_sec` (median over `steps` timed steps after `warmup`),
+  `step_ms_median`, `achieved_gflops`.
+  """
+  from jaxcls import train
+  from jaxcls.steps import compiled_flops
+  if not augment:
+    config = _no_augmentation(config)
+  devices = list(devices or jax.local_devices())
+  start = time.perf_counter()
+  state, step_rng = _initial_state(config, num_classes, devices)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - start
+  batch = _synthetic_batch(config, devices, num_classes)
+  start = time.perf_counter()
+  compiled = train.pmapped_train_step(config, devices).lower(state, batch, step_rng).compile()
+  compile_s = time.perf_counter() - start
+  fast_convolutions = cpu is not None and cpu.fast_convolutions_in(compiled.as_text())
+  flops = compiled_flops(compiled)
+  if fast_convolutions:
+    # XLA counts nothing for oneDNN's convolutions (custom calls). Count the same step
+    # with XLA's convolutions, as lowered (before XLA's optimizations, which moved the
+    # count by under 1 % for the CNN and ResNet-18).
+    with cpu.disabled():
+      flops = compiled_flops(
+          train.pmapped_train_step(config, devices).lower(state, batch, step_rng))
+  per_device = config.batch_size // len(devices)
+  times, cpu_times = [], []
+  for i in range(warmup + steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batch, step_rng)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+      cpu_times.append(time.process_time() - cpu_start)
+  step_s = statistics.median(times)
+  images_per_sec = config.batch_size / step_s
+  result = {
+      "model": config.model.name, "image_size": config.data.image_size,
+      "batch_size": config.batch_size, "dtype": config.model.dtype,
+      "devices": len(devices), "platform": devices[0].platform, "augment": augment,
+      "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
+      "steps_timed": steps, "step_ms_median": round(step_s * 1e3, 2),
+      "step_ms_min": round(min(times) * 1e3, 2),
+      # CPU seconds of this process per step (all threads): on a machine shared with
+      # other jobs, less sensitive to their load than the wall-clock figures.
+      "step_cpu_s_median": round(statistics.median(cpu_times), 3),
+      "step_images_per_sec": round(images_per_sec, 2),
+      "step_flops_per_image": None if flops is None else flops / per_device,
+      "achieved_gflops": None,
+      "loss_finite": bool(np.isfinite(np.asarray(metrics["loss"])).all()),
+      "cpu_fast_convolutions": fast_convolutions,
+  }
+  if flops is not None:
+    # Every device runs the per-device program at the same time.
+    result["achieved_gflops"] = round(flops * len(devices) / step_s / 1e9, 2)
+  return result
+
+
+def measure_loader_steps(config: ml_collections.ConfigDict, *, steps: int = 20,
+                         warmup: int = 3, workdir: str | None = None,
+                         devices=None) -> dict:
+  """Images/sec of training steps fed by the real loader (decode, resize, prefetch).
+
+  `config.data.source` names the images (e.g. a folder of JPEGs). The figure to compare
+  with `measure_train_step`'s: equal when decoding keeps up with the devices.
+  """
+  from jaxcls import parallel, train
+  from jaxcls.data import loader, sources
+  devices = list(devices or jax.local_devices())
+  workers = sources.worker_count(config.data.workers)
+  dataset = sources.build_dataset(config.data, config.seed, workdir, workers)
+  state, step_rng = _initial_state(config, len(dataset.class_names), devices)
+  p_step = train.pmapped_train_step(config, devices)
+  batches = parallel.prefetch_to_devices(loader.train_batches(
+      dataset.train, batch_size=config.batch_size, image_size=config.data.image_size,
+      seed=config.seed, num_steps=warmup + steps, workers=workers), devices)
+  for _ in range(warmup):
+    state, metrics = p_step(state, next(batches), step_rng)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = p_step(state, next(batches), step_rng)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - start
+  return {"loader_steps_timed": steps, "loader_workers": workers,
+          "loader_images_per_sec": round(steps * config.batch_size / elapsed, 2),
+          "loader_train_images": len(dataset.train)}
+
+
+def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+              augment: bool = True, matmul_size: int = 2048) -> dict:
+  """The train step's figures plus the matmul peak and the percent of it reached."""
+  result = measure_train_step(config, steps=steps, warmup=warmup, augment=augment)
+  result.update(matmul_peak(matmul_size))
+  result["matmul_peak_gflops"] = round(result["matmul_peak_gflops"], 2)
+  if result["achieved_gflops"] is not None:
+    result["percent_of_peak"] = round(
+        100 * result["achieved_gflops"] / result["matmul_peak_gflops"], 1)
+  result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  # The GLIBC_TUNABLES in force: glibc.malloc.hugetlb=1 among them when the command line
+  # switched huge pages on (jaxcls/cpu/allocator.py), or whatever the user set.
+  result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+  status = cpu.status() if cpu is not None else {
+      "cpu_layers": False, "onednn_unavailable": "jaxcls.cpu is not installed"}
+  result["cpu_layers"] = status["cpu_layers"]  # jaxcls.cpu's layers in the step.
+  if not result["cpu_fast_convolutions"] and "onednn_unavailable" in status:
+    result["cpu_fast_convolutions_unavailable"] = status["onednn_unavailable"]
+  result["jax_version"] = jax.__version__
+  return result
+
+
+def build_parser() -> common.Parser:
+  parser = common.Parser(
+      prog="python -m jaxcls.benchmark step", description=__doc__.split("\n\n")[0],
+      epilog="Any --config.KEY=VALUE overrides the recipe, as in training.")
+  common.add_config_flag(parser)
+  parser.add_argument("--steps", type=common.positive_int, default=10,
+                      help="Timed steps (default 10).")
+  parser.add_argument("--warmup", type=int, default=2, help="Untimed steps (default 2).")
+  parser.add_argument("--no-augment", action="store_true",
+                      help="Turn augmentation off, to see what it costs.")
+  parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                      help="Use JAX's persistent compilation cache in DIR (a second run "
+                           "then shows the warm compile time).")
+  parser.add_argument("--matmul-size", type=int, default=2048)
+  return parser
+
+
+def run(argv: Sequence[str]) -> dict:
+  """Parses the command line, measures, prints and returns the JSON figures."""
+  args, overrides = common.parse(build_parser(), argv)
+  config = common.load_config(args.config, overrides)
+  if args.compilation_cache:
+    common.enable_compilation_cache(args.compilation_cache)
+  result = benchmark(config, steps=args.steps, warmup=args.warmup,
+                     augment=not args.no_augment, matmul_size=args.matmul_size)
+  print(json.dumps(result))
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m jaxcls.benchmark step ARGS`."""
+  return common.run(lambda: run([] if argv is None else argv) and 0)

@@ -1,0 +1,34 @@
+"""The one entry point of the benchmarks: `python -m jaxcls.benchmark NAME [ARGS]`
+(also `jaxcls-benchmark`). Without NAME, flags go to `loader`, as before 0.2."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from jaxcls.cli import common
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from jaxcls.benchmark import COMMANDS  # Light: names only.
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ("-h", "--help"):
+    print("usage: python -m jaxcls.benchmark NAME [ARGS]   (NAME --help for its flags)\n"
+          f"NAME: {', '.join(COMMANDS)}")
+    return 0
+  name = argv.pop(0) if argv and not argv[0].startswith("-") else "loader"
+  if name not in COMMANDS:
+    print(f"error: unknown benchmark '{name}'; choose one of {', '.join(COMMANDS)}.",
+          file=sys.stderr)
+    return 2
+  common.configure_process(tune_allocator=True)  # Before JAX; may re-execute.
+  return importlib.import_module(COMMANDS[name]).main(argv) or 0
+
+
+def cli() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,50 @@
+"""Convert published weights into a jaxcls workdir.
+
+    jaxcls-pretrained import --arch resnet50 --weights resnet50.pth --out DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from jaxcls.cli import common
+
+
+def build_parser() -> common.Parser:
+  from jaxcls.models.resnet import ARCHS
+  parser = common.Parser(prog="jaxcls-pretrained",
+                         description="Pretrained weights for jaxcls.")
+  commands = parser.add_subparsers(dest="command", required=True)
+  imp = commands.add_parser("import", help="Convert a torchvision/timm ResNet state dict "
+                            "into a jaxcls workdir.")
+  imp.add_argument("--arch", required=True, choices=sorted(ARCHS))
+  imp.add_argument("--weights", required=True, help=".pth/.pt/.bin or .safetensors file.")
+  imp.add_argument("--out", required=True, help="New workdir to write.")
+  imp.add_argument("--classes", default=None, help="Text file: one class name per line.")
+  imp.add_argument("--image-size", type=common.positive_int, default=224,
+                   help="The image size the model will be given (default 224).")
+  return parser
+
+
+def _import(argv) -> int:
+  args, _ = common.parse(build_parser(), argv)
+  from jaxcls import pretrained
+  out = pretrained.import_weights(args.arch, args.weights, args.out, args.classes,
+                                  args.image_size)
+  print(f"Wrote {out}. Check it: jaxcls-predict --workdir {out} IMAGE; "
+        f"fine-tune from it: --config.init_from={out}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  common.configure_process()
+  return common.run(lambda: _import(argv))
+
+
+def cli() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,219 @@
+"""oneDNN's convolutions inside XLA:CPU programs, built on first use.
+
+XLA:CPU runs convolutions with Eigen, which packs image patches; oneDNN (the library
+behind PyTorch's CPU convolutions) reads NHWC directly. `onednn_conv.cc` wraps oneDNN's
+forward, input-gradient and weight-gradient convolutions as XLA FFI handlers. This
+module compiles it once per version of the source, jaxlib and oneDNN runtime (a C++17
+compiler, `$CXX` or `g++`, and the `onednn-cpu-gomp` package are needed; about 2 s),
+keeps the library under `$JAXCLS_CACHE_DIR` (default `$XDG_CACHE_HOME/jaxcls`, else
+`~/.cache/jaxcls`), registers the handlers with JAX and offers `conv` (forward) with its
+gradients as JAX functions.
+
+Anything missing (not Linux x86-64, no compiler, no oneDNN runtime, `JAXCLS_ONEDNN=0`)
+makes `available()` False with the reason in `unavailable_reason()`, and
+`jaxcls.cpu.conv` uses XLA's convolution instead: same variables, same checkpoints.
+
+oneDNN runs on GNU OpenMP's threads (`OMP_NUM_THREADS`, default: all cores). Like JAX
+itself, it is not safe to use in a child forked after the parent ran a convolution
+(OpenMP's threads do not survive `fork`): jaxcls's loader uses threads, and its
+benchmarks start processes with `spawn`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+RUNTIME_PACKAGE = "onednn-cpu-gomp"
+TARGETS = ("forward", "backward_data", "backward_weights")
+_reason: str | None = None
+
+
+def cache_dir() -> pathlib.Path:
+  """Where the compiled library is kept."""
+  root = os.environ.get("JAXCLS_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxcls")
+  return pathlib.Path(root)
+
+
+def runtime_library() -> pathlib.Path | None:
+  """The oneDNN runtime (`libdnnl.so.3`) that `onednn-cpu-gomp` installed, if any."""
+  try:
+    files = importlib.metadata.files(RUNTIME_PACKAGE) or []
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for file in files:
+    if file.name == "libdnnl.so.3":
+      path = pathlib.Path(file.locate()).resolve()
+      if path.exists():
+        return path
+  return None
+
+
+def _build(runtime: pathlib.Path, rebuild: bool = False) -> pathlib.Path:
+  """The compiled handlers: built once per source, jaxlib and runtime, then reused."""
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(),
+               str(runtime).encode()):
+    key.update(part)
+  out = cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
+  if out.exists() and not rebuild:
+    return out
+  compiler = os.environ.get("CXX") or "g++"
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set $CXX or install g++)")
+  include = jax.ffi.include_dir()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    built = pathlib.Path(tmp) / out.name
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}",
+               str(SOURCE), "-o", str(built), f"-L{runtime.parent}", f"-l:{runtime.name}",
+               f"-Wl,-rpath,{runtime.parent}"]
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+      raise RuntimeError(f"compiling {SOURCE.name} took over 600 s") from None
+    if done.returncode:
+      raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+    os.replace(built, out)  # Atomic: concurrent builders each leave a whole file.
+  return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+  global _reason
+  if os.environ.get("JAXCLS_ONEDNN", "1") == "0":
+    _reason = "turned off by JAXCLS_ONEDNN=0"
+    return None
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    _reason = f"built for Linux x86-64 only, not {platform.system()} {platform.machine()}"
+    return None
+  runtime = runtime_library()
+  if runtime is None:
+    _reason = f"the oneDNN runtime is not installed (pip install {RUNTIME_PACKAGE})"
+    return None
+  try:
+    try:
+      library = ctypes.CDLL(str(_build(runtime)))
+    except OSError:  # A cached build that does not load here (e.g. another host's).
+      library = ctypes.CDLL(str(_build(runtime, rebuild=True)))
+    for target in TARGETS:
+      jax.ffi.register_ffi_target(f"jaxcls_onednn_conv_{target}",
+                                  jax.ffi.pycapsule(getattr(library,
+                                                            f"jaxcls_onednn_conv_{target}")),
+                                  platform="cpu")
+    library.jaxcls_onednn_conv_supported.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    library.jaxcls_onednn_conv_supported.restype = ctypes.c_int
+  except (OSError, RuntimeError, AttributeError) as error:
+    _reason = str(error)
+    log.warning("jaxcls: oneDNN convolutions unavailable, XLA's are used: %s", error)
+    return None
+  return library
+
+
+def available() -> bool:
+  """True when oneDNN's convolutions can be used (built and registered on first call)."""
+  return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+  """Why `available()` is False; None when it is True."""
+  _library()
+  return _reason
+
+
+def geometry(x_shape, w_shape, strides, padding) -> tuple[int, ...] | None:
+  """The geometry oneDNN runs (NHWC input, HWIO weights), or None if it cannot.
+
+  `padding` is ((top, bottom), (left, right)). Asks the library, which makes and keeps
+  the convolution's primitives (and declines a window larger than the padded input), so
+  an unsupported case is found when tracing.
+  """
+  if not available():
+    return None
+  dims = (*x_shape, *w_shape, *strides, *padding[0], *padding[1])
+  if not all(type(d) is int for d in dims):  # Symbolic (exported) shapes.
+    return None
+  (n, h, w, c), (kh, kw, ci, o) = x_shape, w_shape
+  if ci != c or min(n, h, w, c, kh, kw, o, *strides) <= 0 or min(*padding[0], *padding[1]) < 0:
+    return None
+  g = (n, h, w, c, o, kh, kw, *strides, *padding[0], *padding[1])
+  if not _library().jaxcls_onednn_conv_supported((ctypes.c_int64 * len(g))(*g)):
+    return None
+  return g
+
+
+def _out_shape(g):
+  n, h, w, _, o, kh, kw, sh, sw, pt, pb, pl, pr = g
+  return (n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o)
+
+
+def _call(target, shape, a, b, g):
+  attrs = dict(zip(("stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left",
+                    "pad_right"), (np.int64(v) for v in g[7:])))
+  return jax.ffi.ffi_call(f"jaxcls_onednn_conv_{target}",
+                          jax.ShapeDtypeStruct(shape, np.float32),
+                          vmap_method="sequential")(a, b, **attrs)
+
+
+# The three convolutions are each other's gradients, so every order of reverse-mode
+# differentiation stays in oneDNN: with y = conv(x, w), dx = backward_data(dy, w) and
+# dw = backward_weights(x, dy) all bilinear, <dx', backward_data(dy, w)> =
+# <conv(dx', w), dy> and <dw', backward_weights(x, dy)> = <conv(x, dw'), dy>.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv(x, w, g):
+  """y = conv(x, w) for NHWC `x`, HWIO `w` and a `geometry(...)` `g`."""
+  return _call("forward", _out_shape(g), x, w, g)
+
+
+def _conv_bwd(g, residuals, dy):
+  x, w = residuals
+  return backward_data(dy, w, g), backward_weights(x, dy, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def backward_data(dy, w, g):
+  """The input gradient of `conv` for the output gradient `dy`."""
+  return _call("backward_data", g[:4], dy, w, g)
+
+
+def _backward_data_bwd(g, residuals, ddx):
+  dy, w = residuals
+  return conv(ddx, w, g), backward_weights(ddx, dy, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def backward_weights(x, dy, g):
+  """The weight gradient of `conv` at input `x` for the output gradient `dy`."""
+  return _call("backward_weights", (g[5], g[6], g[3], g[4]), x, dy, g)
+
+
+def _backward_weights_bwd(g, residuals, ddw):
+  x, dy = residuals
+  return backward_data(dy, ddw, g), conv(x, ddw, g)
+
+
+def _keeping_operands(fn):
+  """A forward rule: `fn`'s value, with both operands kept for the backward rule."""
+  return lambda a, b, g: (fn(a, b, g), (a, b))
+
+
+conv.defvjp(_keeping_operands(conv), _conv_bwd)
+backward_data.defvjp(_keeping_operands(backward_data), _backward_data_bwd)
+backward_weights.defvjp(_keeping_operands(backward_weights), _backward_weights_bwd)

@@ -1,0 +1,21 @@
+"""Process options for jaxcls's command-line programs, set before JAX starts.
+
+Imports nothing heavy (no JAX), so a program can call `configure_process()` first thing
+and a re-execution costs little.
+"""
+
+from __future__ import annotations
+
+from jaxcls.cpu import allocator, xla_flags
+
+
+def configure_process(*, tune_allocator: bool = False) -> None:
+  """A command-line program's first call, before JAX starts its backend.
+
+  Adds jaxcls's XLA:CPU option to XLA_FLAGS; with `tune_allocator` (training and
+  benchmarks), re-executes the command with huge-page allocation where that helps (it
+  does not return then).
+  """
+  xla_flags.apply()
+  if tune_allocator:
+    allocator.reexec_with_tuned_allocator()

@@ -1,0 +1,216 @@
+"""A run on disk: what a workdir holds, what its checkpoints record, and loading it back.
+
+    WORKDIR/
+      checkpoints/STEP/     Orbax: the train state and this module's `RunMeta` (JSON)
+      config.json           the config the run used
+      metrics.jsonl         one JSON object per logged interval and evaluation
+      tensorboard/          the same scalars as TensorBoard events
+      skipped_files.jsonl   inputs that could not be decoded (path, reason)
+      verified_files.json   the decode check's cache
+      cache/                decoded images (data.cache=disk)
+      report/               what `jaxcls-report` writes
+
+`RunMeta` is the one record of a checkpoint besides the arrays; `load_run` is the one way
+to get a trained model back (Predictor, transfer learning, the report and evaluation all
+use it); `save_checkpoint` is the one way to write one (training and the weights import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxcls import checkpoint
+from jaxcls import config as config_lib
+from jaxcls.errors import JaxclsError
+from jaxcls.guards import WorkdirError
+from jaxcls.models import create_model
+from jaxcls.steps import create_train_state
+
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 2  # 1: the untyped dict written before 2026-12 (no "format_version").
+
+
+class NoCheckpointError(JaxclsError, FileNotFoundError):
+  """The workdir holds no finished checkpoint."""
+
+
+class UnknownStepError(JaxclsError, ValueError):
+  """No checkpoint at the requested step."""
+
+
+@dataclasses.dataclass
+class EpochMetrics:
+  """A finished epoch's training means and validation result."""
+  epoch: int
+  step: int
+  train_loss: float
+  train_accuracy: float
+  val_loss: float
+  val_accuracy: float
+
+
+@dataclasses.dataclass
+class Best:
+  """The best validation accuracy so far and where it was reached."""
+  val_accuracy: float
+  epoch: int
+  step: int
+
+
+@dataclasses.dataclass
+class EpochSums:
+  """Training loss and accuracy summed over the steps of the epoch in progress."""
+  loss: float = 0.0
+  accuracy: float = 0.0
+  steps: int = 0
+
+  def add(self, loss: float, accuracy: float) -> None:
+    self.loss += loss
+    self.accuracy += accuracy
+    self.steps += 1
+
+
+@dataclasses.dataclass
+class Progress:
+  """What a run knows beyond its arrays, saved with every checkpoint so a resumed run
+  continues its epoch means, early stopping and best-checkpoint choice exactly."""
+  best: Best | None = None
+  epoch_sums: EpochSums = dataclasses.field(default_factory=EpochSums)
+  last_epoch: EpochMetrics | None = None
+
+
+@dataclasses.dataclass
+class RunMeta:
+  """The JSON item of every checkpoint."""
+  config: dict  # ConfigDict.to_dict() of the config trained with.
+  class_names: tuple[str, ...]
+  step: int
+  epoch: int  # Completed epochs at `step`.
+  progress: Progress = dataclasses.field(default_factory=Progress)
+  imported_from: dict | None = None  # Set by `jaxcls.pretrained` for converted weights.
+
+  def to_json(self) -> dict:
+    progress = dataclasses.asdict(self.progress)
+    return {"format_version": FORMAT_VERSION, "config": self.config,
+            "class_names": list(self.class_names), "step": self.step, "epoch": self.epoch,
+            # Also at the top level, as version 1 wrote it: older jaxcls reads "metrics".
+            "metrics": progress["last_epoch"] or {},
+            "progress": progress, "imported_from": self.imported_from}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "RunMeta":
+    """Reads version 2 and version 1 (an untyped dict with "metrics" beside "progress")."""
+    progress = data.get("progress") or {}
+    best = progress.get("best")
+    sums = progress.get("epoch_sums") or {}
+    last = progress.get("last_epoch") or data.get("metrics") or None
+    return cls(
+        config=data["config"], class_names=tuple(data["class_names"]),
+        step=int(data.get("step", 0)), epoch=int(data.get("epoch", 0)),
+        progress=Progress(
+            best=_known_fields(Best, best) if best else None,
+            epoch_sums=EpochSums(**{k: sums[k] for k in ("loss", "accuracy", "steps")
+                                    if k in sums}),
+            last_epoch=_known_fields(EpochMetrics, last) if last else None),
+        imported_from=data.get("imported_from"))
+
+  def training_config(self) -> ml_collections.ConfigDict:
+    """The config the run trained with, on today's schema (renamed keys migrated)."""
+    return config_lib.from_dict(self.config)
+
+  def describe(self) -> str:
+    """'step 12 (epoch 2, val accuracy 0.9167)', or 'step 7 (mid-epoch 2)'."""
+    last = self.progress.last_epoch
+    if last is not None and last.step == self.step:
+      return f"step {self.step} (epoch {last.epoch}, val accuracy {last.val_accuracy:.4f})"
+    return f"step {self.step} (mid-epoch {self.epoch + 1})"
+
+
+def _known_fields(cls, values: dict):
+  names = {field.name for field in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def prepare(workdir: str) -> str:
+  """Creates `workdir` and checks it takes writes; returns its absolute path."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"Cannot write to workdir '{workdir}' ({e.strerror or e}). "
+                       "Choose a writable --workdir or fix its permissions.") from None
+  return workdir
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config_lib.to_json(config))
+
+
+def save_checkpoint(mngr, state: Any, meta: RunMeta,
+                    val_accuracy: float | None = None) -> None:
+  """Saves `state` with `meta` at `meta.step` (asynchronously where the manager is)."""
+  checkpoint.save(mngr, meta.step, state, meta.to_json(), val_accuracy=val_accuracy)
+
+
+def read_meta(mngr, step: int | None = None) -> RunMeta:
+  return RunMeta.from_json(checkpoint.restore_meta(mngr, step))
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A trained model back from its workdir: everything predict and evaluation need."""
+  workdir: str
+  step: int
+  meta: RunMeta
+  config: ml_collections.ConfigDict
+  model: Any  # The `jaxcls.models.Classifier`, for inference (no pmap axis).
+  variables: dict  # {"params", "batch_stats"} as host arrays.
+  description: str  # "the best checkpoint: step 12 (epoch 2, val accuracy 0.9167)"
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.meta.class_names
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+  """The model and weights of one checkpoint, rebuilt from the checkpoint alone.
+
+  By default the checkpoint with the best validation accuracy (the latest one if none
+  was validated yet); `step` picks another. Raises FileNotFoundError when there is no
+  checkpoint and ValueError for a step that is not there.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    raise NoCheckpointError(f"No checkpoints in '{workdir}'. Train first: python "
+                            "run_train.py --config CONFIG --workdir DIR.")
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise NoCheckpointError(f"No finished checkpoint in '{workdir}'.")
+    chosen = checkpoint.best_step(mngr) if step is None else step
+    if chosen not in steps:
+      raise UnknownStepError(f"No checkpoint at step {chosen} in '{workdir}'; have "
+                             f"{steps}.")
+    meta = read_meta(mngr, chosen)
+    config = meta.training_config()
+    model = create_model(config.model, len(meta.class_names))
+    target = jax.eval_shape(lambda: create_train_state(config, model, jax.random.key(0), 1))
+    state = checkpoint.restore_state(mngr, chosen, target)
+  finally:
+    mngr.close()
+  which = "requested" if step is not None else (
+      "best" if meta.progress.last_epoch and meta.progress.last_epoch.step == chosen
+      else "latest")
+  return LoadedRun(workdir, chosen, meta, config, model,
+                   {"params": state.params, "batch_stats": state.batch_stats},
+                   f"the {which} checkpoint: {meta.describe()}")

@@ -1,0 +1,53 @@
+"""Tolerances argued from float32 rounding, for comparing two computations of one thing.
+
+Two float32 programs that compute the same function with different kernels or summation
+orders (oneDNN against XLA, 8 devices against 1) differ by their rounding errors alone,
+if the function is well conditioned where it is evaluated. The model used here:
+
+- a float32 sum of n terms, in any order, is off by about sqrt(n)·u of the sum of the
+  terms' magnitudes (u = 2^-24; each rounding an independent error; Higham, *Accuracy and
+  Stability of Numerical Algorithms*, §2.8 and §3.1). Three times that covers every order
+  a kernel may choose with room to spare;
+- a network's layers add their errors, when each layer is well conditioned (it does not
+  amplify relative errors by much), so `depth` layers give `depth` times that;
+- two such computations are each that far from the exact result, so they are at most
+  twice that far from each other.
+
+Comparisons are norm-wise (‖a − b‖ / ‖b‖ per array): element-wise, a tiny entry of a sum
+that cancels carries a large relative error in any order of summation. Where a
+computation is not well conditioned (a gradient through batch norm over a handful of
+values, or across many ReLU and max-pool kinks), no such bound holds, and the tests
+compare quantities before that step instead.
+"""
+
+import math
+
+import jax
+import numpy as np
+
+U = 2.0 ** -24  # float32 unit roundoff.
+
+
+def agreement(depth: int, longest_reduction: int) -> float:
+  """How far apart, norm-wise, two float32 computations of a `depth`-layer function whose
+  longest sum has `longest_reduction` terms may come out (see the module docstring)."""
+  return 2 * 3 * depth * math.sqrt(longest_reduction) * U
+
+
+def normwise_error(actual, expected) -> float:
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  scale = np.linalg.norm(expected)
+  return float(np.linalg.norm(actual - expected) / scale) if scale else float(
+      np.linalg.norm(actual))
+
+
+def assert_normwise_close(actual, expected, tolerance: float, what: str = "") -> None:
+  """Every array of `actual` within `tolerance` of `expected`'s, norm-wise."""
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(actual)
+  flat_e, tree_e = jax.tree_util.tree_flatten_with_path(expected)
+  assert tree_a == tree_e, f"{what}: different structures"
+  worst = max(((normwise_error(a, e), jax.tree_util.keystr(path))
+               for (path, a), (_, e) in zip(flat_a, flat_e)), default=(0.0, ""))
+  assert worst[0] <= tolerance, (f"{what}: norm-wise error {worst[0]:.2e} at {worst[1]} "
+                                 f"is over the float32 bound {tolerance:.2e}")
