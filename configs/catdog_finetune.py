@@ -3,7 +3,7 @@
     # 1. torchvision's ImageNet weights (IMAGENET1K_V2), fetched once where there is
     #    internet, then converted into a jaxcls workdir (needs: pip install 'jaxcls[torch]'):
     wget https://download.pytorch.org/models/resnet50-11ad3fa6.pth
-    python -m jaxcls.pretrained import --arch resnet50 \
+    jaxcls-pretrained import --arch resnet50 \
         --weights resnet50-11ad3fa6.pth --out /tmp/resnet50_imagenet
     # 2. Train: 3 epochs with the backbone frozen (head only), then 7 epochs of
     #    fine-tuning the whole network with the backbone at 0.1 x the learning rate.

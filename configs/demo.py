@@ -4,7 +4,8 @@
 
 Draws 500 images per class (JPEG and PNG, random colours, sizes, positions and noise)
 into WORKDIR/generated_shapes, trains the small CNN at 32 px for 10 epochs and validates
-after each. Measured on a 2-core CPU (2026-11): see the README's results table.
+after each. Reaches validation accuracy 1.000 from epoch 3 (2026-12-02, 2-core CPU; the
+README's results table, the time in benchmarks/README.md).
 """
 
 from jaxcls.config import base_config

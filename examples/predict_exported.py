@@ -1,4 +1,4 @@
-"""Classify images with a model written by `python -m jaxcls.export`.
+"""Classify images with a model written by `jaxcls-export`.
 
 Needs only jax, numpy and Pillow (pip install jax flatbuffers numpy pillow): no jaxcls,
 flax or optax. The model file holds the weights; MODEL.json next to it holds the class

@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 64  # Global: split evenly over all devices of all processes.
   c.num_epochs = 10
-  # A workdir (a jaxcls run, or weights imported with `python -m jaxcls.pretrained`)
+  # A workdir (a jaxcls run, or weights imported with `jaxcls-pretrained import`)
   # whose backbone and input normalization start this run; the head starts fresh.
   c.init_from = ""
 

@@ -6,7 +6,7 @@ the devices of every process, `jax.local_devices()` this process's own, and a pm
 `lax.pmean`/`lax.psum` spans all of them. On CPU the collectives go over gloo (TCP).
 
 Whether to initialize is decided once, at start-up, from flags or the environment:
-- explicit `--coordinator_address`, `--num_processes`, `--process_id` (any one of them);
+- explicit `--coordinator-address`, `--num-processes`, `--process-id` (any one of them);
 - JAX_COORDINATOR_ADDRESS in the environment (JAX reads it itself);
 - a cluster JAX can describe itself: a SLURM job step with more than one task, an Open
   MPI job with more than one rank, or a multi-host TPU slice whose worker list is in the
@@ -77,7 +77,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
   if mode == "off":
     if given:
       raise DistributedError(
-          f"--distributed=off but {', '.join('--' + k for k in given)} given. Drop "
+          f"--distributed=off but "
+          f"{', '.join('--' + k.replace('_', '-') for k in given)} given. Drop "
           "them, or use --distributed=auto to start the distributed runtime.")
     return False
   _check_explicit(num_processes, process_id)
@@ -90,8 +91,8 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                                num_processes=num_processes, process_id=process_id)
   except ValueError as e:  # JAX could not work out what was not given.
     raise DistributedError(
-        f"Cannot start JAX's distributed runtime: {e} Pass --coordinator_address="
-        "HOST0:PORT --num_processes=N --process_id=I on every process, or drop "
+        f"Cannot start JAX's distributed runtime: {e} Pass --coordinator-address="
+        "HOST0:PORT --num-processes=N --process-id=I on every process, or drop "
         "--distributed=on for a single-process run.") from None
   log.info("Process %d of %d: %d local and %d global devices.", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -100,12 +101,12 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
 
 def _check_explicit(num_processes: int | None, process_id: int | None) -> None:
   if num_processes is not None and num_processes < 1:
-    raise DistributedError(f"--num_processes={num_processes}; use 1 or more (the number "
+    raise DistributedError(f"--num-processes={num_processes}; use 1 or more (the number "
                            "of processes started, one per host or per GPU).")
   if process_id is not None and (process_id < 0 or (
       num_processes is not None and process_id >= num_processes)):
     raise DistributedError(
-        f"--process_id={process_id} with --num_processes={num_processes}; give each "
+        f"--process-id={process_id} with --num-processes={num_processes}; give each "
         "process a different id from 0 to num_processes - 1 (0 runs the coordinator).")
 
 

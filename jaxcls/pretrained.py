@@ -10,7 +10,7 @@
 or a `.safetensors` file (read here, no torch needed). torchvision and timm ResNets use
 the same parameter names (`conv1.weight`, `layer1.0.bn1.running_mean`, ..., `fc.weight`).
 
-The result is an ordinary workdir: `python -m jaxcls.predict --workdir OUT IMAGE`
+The result is an ordinary workdir: `jaxcls-predict --workdir OUT IMAGE`
 classifies with it (class names `0`…`999` unless `--classes` names them), and
 `init_from = OUT` starts a new run from its backbone. It normalizes inputs with
 ImageNet's mean and std (in 0..255 units), as torchvision's weights expect, and

@@ -1,7 +1,7 @@
 """Transfer learning: start a run from another workdir's backbone (`init_from = DIR`).
 
 DIR is any jaxcls workdir: a finished run, or weights converted with
-`python -m jaxcls.pretrained import`. The new run takes the source's backbone
+`jaxcls-pretrained import`. The new run takes the source's backbone
 parameters and batch-norm statistics, and its input normalization (a backbone only
 works on inputs normalized the way it was trained), and puts a fresh head on top for
 its own classes.
@@ -44,7 +44,7 @@ def load_source(workdir: str) -> Source:
   except FileNotFoundError as e:
     raise config_lib.ConfigError(
         f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir, "
-        "or import weights first: python -m jaxcls.pretrained import --arch resnet50 "
+        "or import weights first: jaxcls-pretrained import --arch resnet50 "
         f"--weights FILE --out {workdir}") from None
   return Source(workdir, run.config, run.class_names, jax.device_get(run.variables))
 

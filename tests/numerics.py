@@ -51,3 +51,25 @@ def assert_normwise_close(actual, expected, tolerance: float, what: str = "") ->
                for (path, a), (_, e) in zip(flat_a, flat_e)), default=(0.0, ""))
   assert worst[0] <= tolerance, (f"{what}: norm-wise error {worst[0]:.2e} at {worst[1]} "
                                  f"is over the float32 bound {tolerance:.2e}")
+
+
+# The tiny CNN the tests train (conftest.tiny_config: widths (8, 16), 16 px, batch 16):
+# 4 convolutions and the head; its longest sums are the first layer's batch statistics
+# and weight gradient, over 16 images × 16 × 16 pixels.
+TINY_CNN_LAYERS = 5
+TINY_CNN_LONGEST = 16 * 16 * 16
+# Inference of that model: its longest sum is a 3×3×16 convolution.
+TINY_CNN_FORWARD = agreement(TINY_CNN_LAYERS, 3 * 3 * 16)
+
+
+def tiny_cnn_training(steps: int) -> float:
+  """Two trainings of the tiny CNN for `steps` steps whose sums run in other orders
+  (other device counts or collectives): each step's update is float32-close, forward and
+  backward, and `steps` well-conditioned SGD steps add their differences up."""
+  return steps * agreement(2 * TINY_CNN_LAYERS, TINY_CNN_LONGEST)
+
+
+def displacement(final, start):
+  """final − start, leaf by leaf, in float64: what training changed."""
+  return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                      final, start)

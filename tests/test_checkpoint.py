@@ -23,11 +23,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxcls
+from numerics import assert_normwise_close, displacement, tiny_cnn_training
 from conftest import tiny_config
 from jaxcls import checkpoint, metric_writers, parallel, resume, steps, train
 from jaxcls.cli import predict as predict_cli
+from jaxcls.models import create_model
 from jaxcls.serve import predictor as predict
 from jaxcls import config as config_lib
+
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(jaxcls.__file__)))
 STEPS_PER_EPOCH = 6  # 101 training images (shapes_dir, val_fraction 0.2) // 16.
@@ -135,6 +139,7 @@ sys.exit(main())
 CONFIG_FILE = """
 import json
 from jaxcls import config as config_lib
+
 
 def get_config():
   return config_lib.from_dict(json.loads({values!r}))
@@ -253,11 +258,17 @@ def test_resume_on_other_device_counts_and_back(shapes_dir, compile_cache, tmp_p
   results = [continue_run(there_and_back, NUM_EPOCHS, devices)]
   on_two = copy_workdir(str(tmp_path / "ref"), str(tmp_path / "b"), up_to_step=12)
   results.append(continue_run(on_two, NUM_EPOCHS, devices[:2]))
+  model = create_model(deterministic.model, 2, axis_name=parallel.AXIS)
+  init_rng, _ = jax.random.split(steps.root_key(deterministic.seed))
+  start = jax.device_get(steps.create_train_state(deterministic, model, init_rng,
+                                                  STEPS_PER_EPOCH))
+  trees = lambda s: jax.device_get((s.params, s.batch_stats))
   for state, final in results:
-    worst = max(float(np.max(np.abs(x - y)))
-                for x, y in zip(state_leaves(state), state_leaves(ref_state)))
-    assert worst < 1e-4, f"largest difference from the 8-device run: {worst}"
-    assert final.last_epoch.val_accuracy == pytest.approx(ref_final.last_epoch.val_accuracy, abs=0.06)
+    assert_normwise_close(displacement(trees(state), trees(start)),
+                          displacement(trees(ref_state), trees(start)),
+                          tiny_cnn_training(int(state.step)), "other device counts")
+    assert final.last_epoch.val_accuracy == pytest.approx(
+        ref_final.last_epoch.val_accuracy, abs=0.06)  # One of ~17 images may flip.
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_dir, reference, tmp_path):

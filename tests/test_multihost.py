@@ -23,9 +23,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from numerics import assert_normwise_close, displacement, tiny_cnn_training
 from jaxcls import checkpoint, distributed, metric_writers, parallel, steps, train
 from jaxcls.data import loader, sources
 from jaxcls.models import create_model
+
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # For each batch of runs started together; a 2-core machine shared with other jobs has
@@ -176,6 +179,10 @@ class Runs:
     # Shapes and dtypes only: nothing is compiled to describe what to restore.
     self.target = jax.eval_shape(lambda: steps.create_train_state(
         self.config, model, jax.random.key(0), self.steps_per_epoch))
+    # Where every run started: training's own initialization from the seed.
+    init_rng, _ = jax.random.split(steps.root_key(self.config.seed))
+    self.start = jax.device_get(steps.create_train_state(
+        self.config, model, init_rng, self.steps_per_epoch))
 
   def state(self, workdir: str, step: int | None = None):
     mngr = checkpoint.manager(workdir, read_only=True)
@@ -191,12 +198,11 @@ def runs(tmp_path_factory, shapes_dir):
   return Runs(str(tmp_path_factory.mktemp("multihost")), shapes_dir)
 
 
-def assert_trees_close(actual, expected, rtol=2e-5, atol=2e-6):
-  flat_a, tree_a = jax.tree.flatten(actual)
-  flat_e, tree_e = jax.tree.flatten(expected)
-  assert tree_a == tree_e
-  for a, e in zip(flat_a, flat_e):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+def assert_trained_alike(actual, expected, start, steps: int, what: str):
+  """Two runs of `steps` steps whose collectives add in other orders (gloo across
+  processes, XLA's in one) moved the state alike, to float32 rounding."""
+  assert_normwise_close(displacement(actual, start), displacement(expected, start),
+                        tiny_cnn_training(steps), what)
 
 
 def rows(workdir: str, split: str) -> list[dict]:
@@ -211,9 +217,11 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
   step, single = runs.state(runs.single)
   multi_step, multi = runs.state(runs.multi)
   assert step == multi_step == runs.steps_per_epoch
-  assert_trees_close(multi.params, single.params)
-  assert_trees_close(multi.batch_stats, single.batch_stats)
-  assert_trees_close(multi.opt_state, single.opt_state)
+  start = runs.start
+  assert_trained_alike((multi.params, multi.batch_stats), (single.params, single.batch_stats),
+                       (start.params, start.batch_stats), step, "2 processes against 1")
+  assert_normwise_close(multi.opt_state, single.opt_state, tiny_cnn_training(step),
+                        "momentum")
   # The momentum holds the gradients applied: far from zero, so equality means something.
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(single.opt_state)) > 1e-2
 
@@ -222,7 +230,9 @@ def test_training_losses_agree_step_by_step(runs):
   single, multi = rows(runs.single, "train"), rows(runs.multi, "train")
   assert [r["step"] for r in multi] == [r["step"] for r in single] != []
   for s, m in zip(single, multi):
-    assert m["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    assert abs(m["loss"] - s["loss"]) <= tiny_cnn_training(m["step"]) * s["loss"]
+    # Equal counts of correct predictions: a prediction would flip only for a logit
+    # margin within float32 rounding of zero.
     assert m["accuracy"] == s["accuracy"]
 
 
@@ -233,7 +243,8 @@ def test_validation_is_exact_across_processes(runs):
   assert len(runs.dataset.val) % 2 == 1
   assert multi[0]["count"] == single["count"] == len(runs.dataset.val)
   assert multi[0]["accuracy"] == single["accuracy"]
-  assert multi[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+  assert abs(multi[0]["loss"] - single["loss"]) <= (
+      tiny_cnn_training(runs.steps_per_epoch) * single["loss"])
 
 
 def test_only_process_zero_reports(runs):
@@ -261,8 +272,9 @@ def test_checkpoint_from_two_processes_resumes_in_one(runs):
   # Continuing either first epoch, in either layout, gives the same second epoch.
   other_step, other = runs.state(runs.single_then_multi)
   assert step == other_step == 2 * runs.steps_per_epoch
-  assert_trees_close(resumed.params, other.params)
-  assert_trees_close(resumed.batch_stats, other.batch_stats)
+  start = runs.start
+  assert_trained_alike((resumed.params, resumed.batch_stats), (other.params, other.batch_stats),
+                       (start.params, start.batch_stats), step, "either layout")
   _, first_epoch = runs.state(runs.multi_then_single, runs.steps_per_epoch)
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(resumed.params), jax.tree.leaves(first_epoch.params))) > 1e-3
@@ -276,12 +288,14 @@ def test_checkpoint_from_one_process_resumes_in_two(runs):
   assert [r["step"] for r in val] == [runs.steps_per_epoch, 2 * runs.steps_per_epoch]
   other = rows(runs.multi_then_single, "val")
   assert val[-1]["accuracy"] == other[-1]["accuracy"]
-  assert val[-1]["loss"] == pytest.approx(other[-1]["loss"], rel=1e-5)
+  assert abs(val[-1]["loss"] - other[-1]["loss"]) <= (
+      tiny_cnn_training(2 * runs.steps_per_epoch) * other[-1]["loss"])
 
 
 HELPERS_SCRIPT = """
 import os, sys, time
 from jaxcls import distributed
+
 distributed.initialize("auto", sys.argv[1], 2, int(sys.argv[2]))
 marker = os.path.join(sys.argv[3], "built")
 
@@ -453,8 +467,8 @@ def test_single_task_slurm_job_and_single_host_tpu_stay_single_process(calls,
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(mode="off", coordinator_address="h:1"), "--distributed=off"),
-    (dict(num_processes=2, process_id=2), "--process_id=2"),
-    (dict(num_processes=0), "--num_processes=0"),
+    (dict(num_processes=2, process_id=2), "--process-id=2"),
+    (dict(num_processes=0), "--num-processes=0"),
     (dict(mode="sometimes"), "'sometimes'"),
 ])
 def test_inconsistent_flags_are_named(calls, kwargs, words):
@@ -467,5 +481,5 @@ def test_nothing_to_join_is_explained(calls, monkeypatch):
   def no_cluster(**kwargs):
     raise ValueError("coordinator_address should be defined.")
   monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
-  with pytest.raises(distributed.DistributedError, match="--coordinator_address=HOST0"):
+  with pytest.raises(distributed.DistributedError, match="--coordinator-address=HOST0"):
     distributed.initialize("on")

@@ -15,6 +15,8 @@ from jaxcls import pretrained
 from jaxcls.cli import pretrained as pretrained_cli
 from jaxcls.serve import Predictor
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
 
 def torch_resnet(arch: str, num_classes: int, seed: int = 0):
   """A torchvision-layout ResNet in eval mode, with non-trivial batch-norm statistics."""

@@ -40,6 +40,7 @@ def _recorded(workdir, step):
   return rows[0]
 
 
+@pytest.mark.slow
 def test_confusion_matrix_matches_recorded_accuracy(run, evaluation):
   workdir, last = run
   evaluation, meta = evaluation
@@ -54,6 +55,7 @@ def test_confusion_matrix_matches_recorded_accuracy(run, evaluation):
                                 np.bincount(evaluation.labels, minlength=2))
 
 
+@pytest.mark.slow
 def test_top_losses_are_sorted_and_misclassified(evaluation):
   evaluation, _ = evaluation
   wrong = int(np.sum(evaluation.predictions != evaluation.labels))
@@ -155,6 +157,7 @@ def test_epoch_curves_weight_rows_by_steps():
   assert curves["learning_rate"] == [0.1, 0.05, 0.01]
 
 
+@pytest.mark.slow
 def test_report_writes_every_file(run, evaluation, tmp_path, capsys):
   workdir, _ = run
   evaluation, meta = evaluation
@@ -211,6 +214,7 @@ def _events(workdir):
   return found
 
 
+@pytest.mark.slow
 def test_tensorboard_has_scalars_and_an_augmented_grid(run):
   workdir, last = run
   events = _events(workdir)
@@ -241,6 +245,7 @@ def test_image_grid_places_and_clips():
     metric_writers.image_grid(np.zeros((2, 2, 3)))
 
 
+@pytest.mark.slow
 def test_figures_for_many_classes_and_no_mistakes(tmp_path):
   rng = np.random.default_rng(0)
   names = [f"class_{i:02d}" for i in range(30)]  # Too many for numbers in the cells.
@@ -269,6 +274,7 @@ def _zip_of(folder: str, archive: str) -> str:
   return archive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["folder", "zip", "generated", "tfds"])
 def test_report_reads_its_pictures_through_every_kind_of_source(kind, shapes_dir, tmp_path,
                                                                 make_config, request):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from numerics import assert_normwise_close, displacement, tiny_cnn_training
 from jaxcls import parallel, steps, train
 from jaxcls.data import loader, preprocess, sources
 from jaxcls.models import create_model
@@ -38,16 +39,15 @@ def test_one_step_same_on_8_devices_and_1():
   key = steps.root_key(1)
   state8, metrics8 = _step_on(jax.local_devices(), state, batch, key)
   state1, metrics1 = _step_on(jax.local_devices()[:1], state, batch, key)
-  np.testing.assert_allclose(metrics8["loss"][0], metrics1["loss"][0], rtol=1e-5)
-  params8, params1 = jax.device_get((state8.params, state1.params))
-  stats8, stats1 = jax.device_get((state8.batch_stats, state1.batch_stats))
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params1,
-                         jax.device_get(state.params))
-  assert all(jax.tree.leaves(changed)), "every parameter should move after one step"
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params8, params1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               stats8, stats1)
+  # The same sums in other orders (8 partial batches, then across devices): float32-close.
+  tolerance = tiny_cnn_training(1)
+  assert abs(metrics8["loss"][0] - metrics1["loss"][0]) <= tolerance * metrics1["loss"][0]
+  start = jax.device_get((state.params, state.batch_stats))
+  moved8 = displacement(jax.device_get((state8.params, state8.batch_stats)), start)
+  moved1 = displacement(jax.device_get((state1.params, state1.batch_stats)), start)
+  assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(moved1)), (
+      "every parameter and statistic should move after one step")
+  assert_normwise_close(moved8, moved1, tolerance, "8 devices against 1")
 
 
 def test_dropout_rng_differs_per_device_and_step():

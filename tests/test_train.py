@@ -17,6 +17,9 @@ from jaxcls import metric_writers, train
 from jaxcls.data import preprocess, sources
 from jaxcls.serve import Predictor, predict
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -192,7 +195,8 @@ def test_readme_python_example_runs(tmp_path):
   """The README's Python example, run as a user would (paths moved to tmp_path)."""
   with open(os.path.join(ROOT, "README.md")) as f:
     text = f.read()
-  code = text.split("```python\n", 1)[1].split("```", 1)[0]
+  section = text.split("## Train and predict from Python", 1)[1]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
   code = code.replace("/tmp/api_demo", str(tmp_path / "api_demo"))
   code += "\nassert summary.last_epoch.epoch == 3 and probabilities.shape == (1, 2)\n"
   script = tmp_path / "example.py"

@@ -14,6 +14,8 @@ from jaxcls.config import ConfigError
 from jaxcls.serve import Predictor
 from jaxcls.train import train_and_evaluate
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
 
 @pytest.fixture(scope="module")
 def source_run(shapes_dir, tmp_path_factory):

@@ -16,6 +16,9 @@ from jaxcls.data import sources
 from jaxcls.serve import Predictor
 from numerics import agreement, normwise_error
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
+
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "workdir_v0_1")
 # What jaxcls 0.1 predicted with that checkpoint for the images below.
 V0_1_PROBABILITIES = [[0.3078064024448395, 0.6921935677528381],

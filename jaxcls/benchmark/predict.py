@@ -93,7 +93,7 @@ def _children_cpu_seconds() -> float:
 def first_answer(workdir: str, image: str,
                  cache_args: Sequence[str]) -> tuple[float, float]:
   """(wall seconds from launch to the first stdout line, CPU seconds of the whole process)
-  for `python -m jaxcls.predict` on one image. CPU time varies less than wall time on a
+  for `jaxcls-predict` on one image. CPU time varies less than wall time on a
   machine shared with other work."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXCLS_COMPILATION_CACHE")}

@@ -10,6 +10,9 @@ from typing import Sequence
 from jaxcls.cli import common
 
 
+TUNED = ("step", "loader")  # As `run_train.py` runs: jaxcls.cpu.allocator.
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from jaxcls.benchmark import COMMANDS  # Light: names only.
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -22,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: unknown benchmark '{name}'; choose one of {', '.join(COMMANDS)}.",
           file=sys.stderr)
     return 2
-  common.configure_process(tune_allocator=True)  # Before JAX; may re-execute.
+  # Before JAX; may re-execute. The train-step benchmarks run as training does (huge
+  # pages); the others, PyTorch's side of the comparison among them, as they are.
+  common.configure_process(tune_allocator=name in TUNED)
   return importlib.import_module(COMMANDS[name]).main(argv) or 0
 
 

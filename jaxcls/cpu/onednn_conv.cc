@@ -2,7 +2,7 @@
 //
 // Three XLA FFI handlers (jaxcls_onednn_conv_forward, _backward_data, _backward_weights)
 // on float32 NHWC activations and HWIO weights, the layouts flax uses. jaxcls compiles this
-// file on first use (jaxcls/models/onednn.py) against the oneDNN runtime from pip's
+// file on first use (jaxcls/cpu/onednn.py) against the oneDNN runtime from pip's
 // `onednn-cpu-gomp`, which ships no headers: the part of oneDNN's C API used here is
 // declared below, with the values of oneDNN 3.x's dnnl_types.h (stable across 3.x).
 //

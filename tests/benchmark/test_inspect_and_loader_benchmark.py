@@ -1,5 +1,6 @@
 """jaxcls.data.inspect (counts, grid) and jaxcls.benchmark (JPEG writer, figure registry)."""
 
+import pytest
 import os
 
 from PIL import Image
@@ -9,6 +10,7 @@ from jaxcls.data import inspect as inspect_lib
 from jaxcls.data import sources
 
 
+@pytest.mark.slow
 def test_summary_counts_and_grid(shapes_dir, make_config, tmp_path):
   config = make_config("folder:" + shapes_dir)
   dataset = sources.build_dataset(config.data, config.seed, str(tmp_path))

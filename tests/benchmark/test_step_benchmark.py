@@ -13,6 +13,8 @@ from jaxcls import cpu
 from jaxcls.benchmark import step as step_benchmark
 from jaxcls.cpu import allocator, onednn
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
 
 def test_step_flops_grow_with_pixels(make_config):
   """FLOPs per image come from XLA's cost analysis of the step: 4x the pixels, ~4x."""

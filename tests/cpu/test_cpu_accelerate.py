@@ -248,6 +248,7 @@ def test_without_the_cpu_package_jaxcls_still_trains(tmp_path, shapes_dir):
   assert re.search(r"^trained 6 \d\.\d+$", done.stdout, re.M), done.stdout
 
 
+@pytest.mark.slow
 def test_importing_jaxcls_sets_no_process_option():
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "JAXCLS_XLA_DEFAULTS")}

@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT
 from jaxcls.cpu import onednn
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason=f"oneDNN unavailable: {onednn.unavailable_reason()}")
 
@@ -33,6 +35,7 @@ _PROBE = """
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jaxcls.cpu import conv, onednn
+
 x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
 w = jnp.ones((3, 3, 3, 4), jnp.float32)
 f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -46,6 +46,7 @@ def test_thp_mode_reads_the_bracketed_choice_and_the_process_switch(tmp_path):
   assert allocator.thp_mode(str(tmp_path / "missing"), str(status)) is None
 
 
+@pytest.mark.slow
 def test_a_program_from_standard_input_runs_once_and_in_full():
   program = ("import os\nfrom jaxcls.cpu import allocator\n"
              "allocator.reexec_with_tuned_allocator()\n"
@@ -65,6 +66,7 @@ def _clean_env(**extra):
   return {**env, "PYTHONPATH": ROOT, **extra}
 
 
+@pytest.mark.slow
 def test_the_training_command_reexecutes_itself_once_with_the_same_arguments(tmp_path):
   """`jaxcls.cli.train.cli` (run_train.py, jaxcls-train), with training replaced by a
   print."""
@@ -107,6 +109,7 @@ _FAULTS = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_huge_pages_cut_the_page_faults_of_large_buffers():
   """What the setting is for: 64 MiB blocks fault 2 MiB at a time instead of 4 KiB."""
   if not _machine_qualifies(_clean_env()):
@@ -137,6 +140,7 @@ def test_xla_option_is_added_only_when_allowed(monkeypatch):
   assert not xla_flags.apply({})  # Not measured on that jaxlib: left alone.
 
 
+@pytest.mark.slow
 def test_programs_set_the_xla_option_before_jax_starts_and_the_library_does_not():
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXCLS_XLA_DEFAULTS")}
   code = ("import os, sys, jaxcls.train\n"

@@ -134,6 +134,7 @@ def test_odd_modes_decode_to_rgb_with_the_right_colours():
   np.testing.assert_allclose(rotated[14, 8], BLUE, atol=40)
 
 
+@pytest.mark.slow
 def test_broken_files_are_listed_exactly_and_training_runs(mixed_dir, make_config,
                                                            tmp_path):
   workdir = tmp_path / "work"

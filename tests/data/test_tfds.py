@@ -42,6 +42,7 @@ def test_tfds_records_are_encoded_bytes_through_the_one_preprocess(mock_cats_vs_
   assert batch["label"][0] == dataset.train[first]["label"]
 
 
+@pytest.mark.slow
 def test_tfds_trains_a_few_steps(mock_cats_vs_dogs, make_config, tmp_path):
   config = catdog_config(make_config, **{"data.cache": "memory"})
   state, last = train.train_and_evaluate(config, str(tmp_path))

@@ -8,6 +8,8 @@ import pytest
 
 from model_utils import check_synchronised_step
 
+pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
+
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
 def test_resnet_trains_a_synchronised_step_on_8_devices(name):

@@ -21,6 +21,7 @@ from jaxcls.cli import predict as predict_cli
 from jaxcls.data import loader, sources
 from jaxcls.models import create_model
 from jaxcls.serve import predictor as predict_lib
+from numerics import TINY_CNN_FORWARD, assert_normwise_close
 
 from conftest import ROOT as REPO  # noqa: E402
 
@@ -45,6 +46,7 @@ def _pattern(height=40, width=24, seed=0):
   return img
 
 
+@pytest.mark.slow
 def test_predictor_matches_the_evaluation_path(predictor, shapes_dir, make_config):
   """Every validation file: the loader's eval pixels are the Predictor's, byte for byte,
   and `steps.eval_step` (pmapped over 8 devices) sees the Predictor's probabilities."""
@@ -63,7 +65,7 @@ def test_predictor_matches_the_evaluation_path(predictor, shapes_dir, make_confi
 
   # 2. The same probabilities: eval_step's per-example loss is -log p[label].
   model = create_model(config.model, 2, axis_name=parallel.AXIS)
-  state = steps.TrainState.create(apply_fn=model.apply, tx=optax.identity(),
+  state = steps.TrainState.create(apply_fn=steps.apply_model(model), tx=optax.identity(),
                                   params=predictor.variables["params"],
                                   batch_stats=predictor.variables["batch_stats"])
   devices = jax.local_devices()
@@ -80,7 +82,8 @@ def test_predictor_matches_the_evaluation_path(predictor, shapes_dir, make_confi
   results = predictor.predict_files(paths)
   probs = _probs(results)  # Columns in sorted class order: disc, stripes.
   p_label = probs[np.arange(len(labels)), labels]
-  np.testing.assert_allclose(eval_p_label, p_label, rtol=2e-6, atol=1e-7)
+  # Other batch sizes than the Predictor's: the kernels may sum in other orders.
+  assert_normwise_close(np.asarray(eval_p_label), p_label, TINY_CNN_FORWARD)
   predicted = np.array([predictor.class_names.index(r.label) for r in results])
   np.testing.assert_array_equal(eval_correct, (predicted == labels).astype(int))
   # A wrong path (no batch-norm running averages: train mode) would not match.
@@ -191,7 +194,7 @@ def test_batches_and_threads_give_the_per_image_answers(predictor, shapes_dir):
                                  predictor.class_names, predictor.image_size,
                                  batch_size=1, workers=1)
   one_by_one = [single.predict_files([p])[0] for p in paths]
-  np.testing.assert_allclose(_probs(batched), _probs(one_by_one), atol=1e-6)
+  assert_normwise_close(_probs(batched), _probs(one_by_one), TINY_CNN_FORWARD)
   for r in batched:
     assert r.top_k[0] == (r.label, r.probability)
     assert r.top_k[0][1] >= r.top_k[1][1]
@@ -207,8 +210,8 @@ def test_tta_averages_the_image_and_its_mirror(predictor):
     tta = _probs(predictor.predict_images([image, mirror]))
   finally:
     predictor.tta = False
-  np.testing.assert_allclose(tta[0], plain.mean(axis=0), atol=1e-6)
-  np.testing.assert_allclose(tta[0], tta[1], atol=1e-6)
+  assert_normwise_close(tta[0], plain.mean(axis=0), TINY_CNN_FORWARD)
+  assert_normwise_close(tta[0], tta[1], TINY_CNN_FORWARD)
   assert np.abs(plain[0] - plain[1]).max() > 1e-4  # The mirror alone differs.
 
 
@@ -236,6 +239,7 @@ def _cli(capsys, *argv):
   return code, out, err
 
 
+@pytest.mark.slow
 def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, tmp_path,
                                         capsys):
   bad = tmp_path / "bad.jpg"
@@ -254,8 +258,8 @@ def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, 
   expected = predictor.predict_files(files[:20], top_k=2)
   for row, want in zip(rows, expected):
     assert row["label"] == want.label and row["error"] == ""
-    assert float(row["prob_disc"]) == pytest.approx(want.probabilities["disc"],
-                                                      abs=1e-6)
+    # The CLI's batches are not the API's: float32 rounding apart.
+    assert abs(float(row["prob_disc"]) - want.probabilities["disc"]) <= TINY_CNN_FORWARD
     assert row["top2_label"] == want.top_k[1][0]
   counts = {c: sum(r["label"] == c for r in rows) for c in ("disc", "stripes")}
   assert "Predicted 132 of 134 input(s)" in err and "2 failed" in err
@@ -263,6 +267,7 @@ def test_cli_csv_with_folder_and_errors(predictor, predict_workdir, shapes_dir, 
   assert f"Per class: {per_class}." in err
 
 
+@pytest.mark.slow
 def test_cli_jsonl_text_and_exit_status(predictor, predict_workdir, shapes_dir, tmp_path,
                                         capsys):
   files = predict_cli.expand_paths([os.path.join(shapes_dir, "stripes")])[:3]
@@ -279,8 +284,8 @@ def test_cli_jsonl_text_and_exit_status(predictor, predict_workdir, shapes_dir, 
   assert [r["path"] for r in rows] == files
   for row, want in zip(rows, expected):
     assert row["label"] == want.label and len(row["top_k"]) == 1
-    assert row["probabilities"]["stripes"] == pytest.approx(
-        want.probabilities["stripes"], abs=1e-6)
+    assert abs(row["probabilities"]["stripes"] - want.probabilities["stripes"]) <= (
+        TINY_CNN_FORWARD)
 
   code, out, _ = _cli(capsys, "--workdir", predict_workdir, files[0],
                       os.path.join(shapes_dir, "nope*.png"))
@@ -300,6 +305,7 @@ def test_cli_jsonl_text_and_exit_status(predictor, predict_workdir, shapes_dir, 
   assert not (tmp_path / "never.jsonl").exists()  # No empty file left behind.
 
 
+@pytest.mark.slow
 def test_second_cli_run_uses_the_compilation_cache(predict_workdir, shapes_dir, tmp_path):
   cache = tmp_path / "cache"
   env = dict(os.environ, PYTHONPATH=REPO, JAX_LOG_COMPILES="1",
