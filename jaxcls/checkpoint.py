@@ -25,6 +25,7 @@ folders are removed the next time a writable manager opens the folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -104,7 +105,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   if val_accuracy is not None:
     metrics["val_accuracy"] = float(val_accuracy)
   mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(global_state(state)), meta=ocp.args.JsonSave(meta)))
+      state=ocp.args.StandardSave(global_state(saved_items(state))),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def saved_items(state: Any) -> dict:
+  """A train state's arrays by field, as a checkpoint holds them. A field that is None
+  (no weight average, say) is left out: such a state has the tree of one written before
+  the field existed, so old checkpoints restore."""
+  return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+          if field.metadata.get("pytree_node", True)
+          and getattr(state, field.name) is not None}
 
 
 def _replicated_everywhere() -> jax.sharding.NamedSharding:
@@ -163,9 +174,9 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
       sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-  abstract = jax.tree.map(abstract, target)
+  abstract = jax.tree.map(abstract, saved_items(target))
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))["state"]
   if multi:
     restored = jax.tree.map(lambda x: x.addressable_data(0), restored)
-  return restored
+  return target.replace(**restored)

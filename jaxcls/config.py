@@ -49,6 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.flip = True  # Random horizontal flip.
   c.augment.rotation = 10.0  # Max degrees either way; 0 turns rotation off.
   c.augment.scale = (0.9, 1.1)  # Min and max zoom; (1.0, 1.0) turns it off.
+  # Random resized crop: the crop's share of the image area, and its aspect-ratio range
+  # (the crop is resized to data.image_size); (1.0, 1.0) turns it off.
+  c.augment.crop_area = (1.0, 1.0)
+  c.augment.crop_ratio = (0.75, 4 / 3)
+  # "none", "randaugment" (policy_ops operations at policy_magnitude of 30) or
+  # "trivialaugment" (one operation per image, at a random magnitude).
+  c.augment.policy = "none"
+  c.augment.policy_ops = 2
+  c.augment.policy_magnitude = 9
+  # Mixup and cutmix: Beta(alpha, alpha) mixing weights; 0 turns each off. With both on,
+  # each batch uses one of the two.
+  c.augment.mixup_alpha = 0.0
+  c.augment.cutmix_alpha = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
@@ -61,10 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_std = (127.5, 127.5, 127.5)
 
   c.optim = ml_collections.ConfigDict()
+  # "sgd" (with momentum; weight_decay is L2 added to the gradient) or "adamw" (Adam
+  # with decoupled weight decay: weight_decay × learning rate × w subtracted each step).
+  c.optim.name = "sgd"
   c.optim.learning_rate = 0.05
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.weight_decay = 5e-4  # L2 on the leaves named in decay_leaves.
+  c.optim.momentum = 0.9  # sgd.
+  c.optim.nesterov = False  # sgd.
+  c.optim.beta1 = 0.9  # adamw.
+  c.optim.beta2 = 0.999  # adamw.
+  c.optim.eps = 1e-8  # adamw.
+  c.optim.weight_decay = 5e-4  # On the leaves named in decay_leaves.
   c.optim.l1 = 0.0  # L1 on the same leaves.
   # Parameter names that weight decay and L1 apply to; add "bias" or "scale" to
   # penalize biases or batch-norm scales too.
@@ -76,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 = off.
   c.optim.freeze = "none"  # "none" | "backbone" (train the head only).
   c.optim.backbone_lr_mult = 1.0  # Backbone rate = this × learning rate.
+  # An exponential moving average of the weights (and batch statistics), updated every
+  # step with this decay, evaluated and checkpointed beside them; 0 turns it off.
+  c.optim.ema_decay = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.log_every_steps = 50
@@ -87,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
   # Stop after this many epochs without a better validation accuracy; 0 = never.
   c.train.early_stopping_patience = 0
+  # Gradient accumulation: each batch runs as this many micro-batches, one update.
+  c.train.accumulate_steps = 1
+  # Per-class loss weights: "balanced" weighs each class by N / (classes × its count) in
+  # the training split; () weights all alike; or one weight per class.
+  c.train.class_weights = ()
+  c.train.balance_classes = False
+  # Weights & Biases: a project name logs the run there (pip install 'jaxcls[wandb]';
+  # WANDB_MODE=offline keeps it local); "" = off.
+  c.train.wandb_project = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3  # The last N checkpoints; the best one is kept besides these.
@@ -196,6 +227,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(len(c.augment.scale) == 2 and 0 < c.augment.scale[0] <= c.augment.scale[1],
        "augment.scale", "give (min_zoom, max_zoom) with 0 < min <= max")
   need(0.0 <= c.augment.rotation <= 180.0, "augment.rotation", "use 0 to 180 degrees")
+  _check_recipe_values(c, need)
   need(0.0 <= c.model.dropout < 1.0, "model.dropout", "use a rate in [0, 1)")
   need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
        "use float32, bfloat16 or float16")
@@ -240,6 +272,31 @@ def _check_transfer_values(c: ml_collections.ConfigDict, need) -> None:
   need(c.train.unfreeze_after_epochs == 0 or c.optim.freeze == "backbone",
        "train.unfreeze_after_epochs",
        "it only applies with optim.freeze='backbone'; set that or use 0")
+
+
+def _check_recipe_values(c: ml_collections.ConfigDict, need) -> None:
+  """Range checks for the optimizer choice, EMA, accumulation and augmentation policy."""
+  area, ratio = c.augment.crop_area, c.augment.crop_ratio
+  need(len(area) == 2 and 0 < area[0] <= area[1] <= 1, "augment.crop_area",
+       "give (min, max) shares of the area with 0 < min <= max <= 1")
+  need(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "augment.crop_ratio",
+       "give (min, max) aspect ratios with 0 < min <= max, e.g. (0.75, 1.333)")
+  need(c.augment.policy in ("none", "randaugment", "trivialaugment"), "augment.policy",
+       "use 'none', 'randaugment' or 'trivialaugment'")
+  need(c.augment.policy_ops >= 1, "augment.policy_ops", "use 1 or more")
+  need(0 <= c.augment.policy_magnitude <= 30, "augment.policy_magnitude", "use 0 to 30")
+  need(c.augment.mixup_alpha >= 0, "augment.mixup_alpha", "use 0 (off) or more")
+  need(c.augment.cutmix_alpha >= 0, "augment.cutmix_alpha", "use 0 (off) or more")
+  need(c.optim.name in ("sgd", "adamw"), "optim.name", "use 'sgd' or 'adamw'")
+  need(0 <= c.optim.beta1 < 1 and 0 <= c.optim.beta2 < 1, "optim.beta1",
+       "use betas in [0, 1)")
+  need(c.optim.eps > 0, "optim.eps", "it must be positive")
+  need(0 <= c.optim.ema_decay < 1, "optim.ema_decay", "use 0 (off) or a decay in (0, 1)")
+  need(c.train.accumulate_steps >= 1, "train.accumulate_steps", "use 1 or more")
+  need(all(w > 0 for w in c.train.class_weights), "train.class_weights",
+       "give one positive weight per class, or () for none")
+  need(not (c.train.balance_classes and c.train.class_weights), "train.balance_classes",
+       "use either train.balance_classes or train.class_weights, not both")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

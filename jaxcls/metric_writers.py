@@ -57,6 +57,19 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.add_image(tag, image_grid(images), int(step), dataformats="HWC")
 
+  def write_hparams(self, hparams: dict, progress) -> None:
+    """TensorBoard's hyperparameter table: the config's scalar keys and the best
+    validation result (a run of its own under tensorboard/hparams/)."""
+    if self._tb is None or progress.best is None:
+      return
+    metrics = {"hparam/best_val_accuracy": progress.best.val_accuracy}
+    last = progress.last_epoch
+    if last is not None:
+      metrics["hparam/last_val_loss"] = last.val_loss
+      if last.val_ema_accuracy is not None:
+        metrics["hparam/last_val_ema_accuracy"] = last.val_ema_accuracy
+    self._tb.add_hparams(hparams, metrics, name="hparams", global_step=progress.best.step)
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()

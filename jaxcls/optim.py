@@ -1,9 +1,11 @@
-"""The optimizer: SGD with momentum, L2 weight decay, optional L1, clipping and freezing.
+"""The optimizer: SGD with momentum or AdamW, weight decay, optional L1, clipping, freezing.
 
-Both penalties are added to the gradient before the SGD update, which is the same as
-adding `weight_decay/2 * ||w||²` and `l1 * |w|` to the loss. By default they apply to
-conv and dense kernels only (`optim.decay_leaves`): penalizing biases and batch-norm
-scales does not regularize.
+With SGD both penalties are added to the gradient before the update, which is the same
+as adding `weight_decay/2 * ||w||²` and `l1 * |w|` to the loss. With AdamW the weight
+decay is decoupled (Loshchilov & Hutter): `learning_rate × weight_decay × w` comes off
+the weights each step, outside Adam's scaling; L1 is still added to the gradient. By
+default both apply to conv and dense kernels only (`optim.decay_leaves`): penalizing
+biases and batch-norm scales does not regularize.
 
 Parameters come in two groups, {"backbone", "head"}. When the backbone is frozen or
 has its own learning rate, each group gets its own SGD chain (`optax.partition`); a
@@ -91,11 +93,17 @@ def frozen_steps(config, steps_per_epoch: int) -> int:
   return config.train.unfreeze_after_epochs * steps_per_epoch
 
 
-def _sgd(optim_config, schedule) -> optax.GradientTransformation:
+def _update_rule(optim_config, schedule) -> optax.GradientTransformation:
+  """SGD or AdamW with the configured penalties, for one parameter group."""
   mask = leaf_mask(optim_config.decay_leaves)
   parts = []
   if optim_config.l1 > 0:
     parts.append(optax.masked(add_l1_subgradient(optim_config.l1), mask))
+  if optim_config.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=optim_config.beta1, b2=optim_config.beta2,
+                             eps=optim_config.eps, weight_decay=optim_config.weight_decay,
+                             mask=mask))
+    return optax.chain(*parts)
   if optim_config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask=mask))
   parts.append(optax.sgd(schedule, momentum=optim_config.momentum or None,
@@ -109,12 +117,16 @@ def state_layout(optim_config) -> dict[str, bool]:
   A checkpoint's optimizer state restores only into the same structure, so a resumed
   run may not change these.
   """
-  return {"optim.momentum": optim_config.momentum > 0,
-          "optim.weight_decay": optim_config.weight_decay > 0,
+  adamw = optim_config.name == "adamw"
+  return {"optim.name": optim_config.name,
+          "optim.momentum": not adamw and optim_config.momentum > 0,
+          "optim.weight_decay": not adamw and optim_config.weight_decay > 0,
           "optim.l1": optim_config.l1 > 0,
           "optim.grad_clip_norm": optim_config.grad_clip_norm > 0,
           "optim.freeze": optim_config.freeze != "none",
-          "optim.backbone_lr_mult": optim_config.backbone_lr_mult != 1.0}
+          "optim.backbone_lr_mult": optim_config.backbone_lr_mult != 1.0,
+          # Not the optimizer's, but the train state's: the average is saved beside it.
+          "optim.ema_decay": optim_config.ema_decay > 0}
 
 
 def _group_labels(params: Any) -> dict:
@@ -132,16 +144,17 @@ def create_optimizer(optim_config, steps_per_epoch: int, num_epochs: int,
   schedule = learning_rate_schedule(optim_config, steps_per_epoch, num_epochs)
   mult = optim_config.backbone_lr_mult
   if optim_config.freeze == "none" and mult == 1.0:
-    tx = _sgd(optim_config, schedule)
+    tx = _update_rule(optim_config, schedule)
   else:
     start = 0
     if optim_config.freeze == "backbone":
       start = _NEVER if frozen_for is None else frozen_for
     # The masked chain counts only the steps it ran; shift it onto the run's clock.
-    backbone = _sgd(optim_config, lambda count: mult * schedule(count + start))
+    backbone = _update_rule(optim_config, lambda count: mult * schedule(count + start))
     if optim_config.freeze == "backbone":
       backbone = optax.conditionally_mask(backbone, lambda step: step >= start)
-    tx = optax.partition({"backbone": backbone, "head": _sgd(optim_config, schedule)},
+    head = _update_rule(optim_config, schedule)
+    tx = optax.partition({"backbone": backbone, "head": head},
                          _group_labels)
   if optim_config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)

@@ -67,8 +67,9 @@ def check_compatible(saved, config, saved_classes, classes) -> list[str]:
     values = ", ".join(f"{k} {_value(saved, k)!r} → {_value(config, k)!r}" for k in moved)
     raise config_lib.ConfigError(
         f"The optimizer state in the workdir does not fit the new config ({values}): "
-        "turning momentum, weight decay, L1, clipping, freezing or a backbone rate on or "
-        "off changes its structure. Set the key back to resume, or use a new --workdir "
+        "switching the optimizer, or turning momentum, weight decay, L1, clipping, "
+        "freezing, a backbone rate or the weight average (EMA) on or off, changes its "
+        "structure. Set the key back to resume, or use a new --workdir "
         "(with --config.init_from=OLD_WORKDIR to start from its weights).")
   old, new = config_lib.flatten(saved), config_lib.flatten(config)
   changed = [k for k in sorted(new) if k not in QUIET_KEYS and old.get(k) != new[k]]

@@ -9,6 +9,7 @@ Training, evaluation, predict, export, the report and the benchmarks all use the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,12 +21,15 @@ from flax.training import train_state
 from jax import lax
 
 from jaxcls import cpu, optim
-from jaxcls.data import augment
+from jaxcls.data import augment as augmentation
 from jaxcls.parallel import AXIS
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # {"params", "batch_stats"}: an exponential moving average of the weights, evaluated
+  # and checkpointed beside them when optim.ema_decay > 0; None otherwise.
+  ema: Any = None
 
 
 def root_key(seed: int) -> jax.Array:
@@ -53,55 +57,125 @@ def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
   variables = init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.uint8))
   tx = optim.create_optimizer(config.optim, steps_per_epoch, config.num_epochs,
                               optim.frozen_steps(config, steps_per_epoch))
+  batch_stats = variables.get("batch_stats", {})
+  ema = ({"params": variables["params"], "batch_stats": batch_stats}
+         if config.optim.ema_decay > 0 else None)
   return TrainState.create(apply_fn=apply_model(model), params=variables["params"],
-                           tx=tx, batch_stats=variables.get("batch_stats", {}))
+                           tx=tx, batch_stats=batch_stats, ema=ema)
 
 
-def loss_fn(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean cross-entropy (float32) against labels smoothed by `label_smoothing`."""
-  if not label_smoothing:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
+def loss_fn(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0,
+            class_weights: tuple[float, ...] = ()) -> jax.Array:
+  """Cross-entropy (float32) against integer labels [B] or soft targets [B, C].
+
+  `label_smoothing` smooths the targets; `class_weights` (one per class) weight each
+  example by its target's class, the mean taken over the weights.
+  """
+  if targets.ndim == 1 and not label_smoothing and not class_weights:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  if targets.ndim == 1:
+    targets = jax.nn.one_hot(targets, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  losses = optax.softmax_cross_entropy(logits, targets)
+  if not class_weights:
+    return losses.mean()
+  weights = targets @ jnp.asarray(class_weights, jnp.float32)
+  return jnp.sum(weights * losses) / jnp.sum(weights)
 
 
-def step_options(config: ml_collections.ConfigDict) -> dict:
-  """The static keyword arguments of `train_step` that come from the config."""
-  return {"flip": config.augment.flip, "rotation": config.augment.rotation,
-          "scale": tuple(config.augment.scale),
-          "label_smoothing": config.train.label_smoothing}
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """The static settings of `train_step` (part of the compiled program)."""
+  augment: augmentation.Options = augmentation.Options()
+  mix: augmentation.MixOptions = augmentation.MixOptions()
+  label_smoothing: float = 0.0
+  class_weights: tuple[float, ...] = ()  # One per class; () weights all alike.
+  accumulate: int = 1  # Micro-batches per update (gradient accumulation).
+  ema_decay: float = 0.0
+  freeze_backbone: bool = False
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, flip: bool,
-               rotation: float, scale: tuple[float, float], label_smoothing: float = 0.0,
-               freeze_backbone: bool = False) -> tuple[TrainState, dict]:
-  """One SGD step on this device's share of the batch; call it under pmap.
+def step_options(config: ml_collections.ConfigDict,
+                 class_weights: tuple[float, ...] = ()) -> StepOptions:
+  """`train_step`'s settings for `config` (class weights come from the data)."""
+  return StepOptions(
+      augment=augmentation.Options.from_config(config.augment),
+      mix=augmentation.MixOptions(config.augment.mixup_alpha, config.augment.cutmix_alpha),
+      label_smoothing=config.train.label_smoothing, class_weights=tuple(class_weights),
+      accumulate=config.train.accumulate_steps, ema_decay=config.optim.ema_decay)
+
+
+def _gradients(state: TrainState, images, targets, dropout_rng, options: StepOptions):
+  """(mean loss, logits, new batch statistics, mean gradients) over the micro-batches.
+
+  With `accumulate` = k the batch is cut into k micro-batches that run one after another
+  (lax.scan: one micro-batch's activations in memory at a time); their mean gradient is
+  the full batch's, batch norm aside (its statistics are each micro-batch's) and class
+  weights aside (each micro-batch is normalized by its own weights).
+  """
+  def objective(params, batch_stats, images, targets, key):
+    if options.freeze_backbone:
+      params = {**params, "backbone": lax.stop_gradient(params["backbone"])}
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        rngs={"dropout": key}, mutable=["batch_stats"])
+    loss = loss_fn(logits, targets, options.label_smoothing, options.class_weights)
+    return loss, (logits, updates["batch_stats"])
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  k = options.accumulate
+  if k == 1:
+    (loss, (logits, stats)), grads = grad_fn(state.params, state.batch_stats, images,
+                                             targets, dropout_rng)
+    return loss, logits, stats, grads
+  micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+  def one(carry, inputs):
+    grads_sum, stats, loss_sum = carry
+    (loss, (logits, stats)), grads = grad_fn(state.params, stats, *inputs)
+    return (jax.tree.map(jnp.add, grads_sum, grads), stats, loss_sum + loss), logits
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, stats, loss), logits = lax.scan(
+      one, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)),
+      (micro(images), micro(targets), jax.random.split(dropout_rng, k)))
+  return loss / k, logits.reshape((-1,) + logits.shape[2:]), stats, jax.tree.map(
+      lambda g: g / k, grads)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array,
+               options: StepOptions = StepOptions()) -> tuple[TrainState, dict]:
+  """One optimizer step on this device's share of the batch; call it under pmap.
 
   Each step and device gets its own random draws: the key is folded with the step and
-  the device's index. `freeze_backbone` stops gradients at the backbone, so
+  the device's index. Augmentation and mixing act on the whole local batch, before it
+  is cut into micro-batches. `freeze_backbone` stops gradients at the backbone, so
   backpropagation skips it (the optimizer keeps a frozen backbone's update at exactly
   zero either way).
   """
   rng = jax.random.fold_in(rng, state.step)
   rng = jax.random.fold_in(rng, lax.axis_index(AXIS))
-  augment_rng, dropout_rng = jax.random.split(rng)
-  images = augment.augment(augment_rng, batch["image"], flip=flip, rotation=rotation,
-                           scale=scale)
+  augment_rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
+  images = augmentation.augment(augment_rng, batch["image"], options.augment)
   labels = batch["label"]
-
-  def objective(params):
-    if freeze_backbone:
-      params = {**params, "backbone": lax.stop_gradient(params["backbone"])}
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    return loss_fn(logits, labels, label_smoothing), (logits, updates["batch_stats"])
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params)
+  targets = labels
+  if options.mix.active:
+    num_classes = state.params["head"]["bias"].shape[-1]
+    images, targets = augmentation.mix(mix_rng, images, labels, num_classes,
+                                       options.mix)
+  loss, logits, batch_stats, grads = _gradients(state, images, targets, dropout_rng,
+                                                options)
   grads = lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  if options.ema_decay > 0:
+    decay = options.ema_decay
+    state = state.replace(ema=jax.tree.map(
+        lambda average, new: decay * average + (1.0 - decay) * new, state.ema,
+        {"params": state.params, "batch_stats": state.batch_stats}))
+  # With mixing, an image counts as right when the model names its larger share.
+  truth = labels if targets.ndim == 1 else jnp.argmax(targets, -1)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == truth)
   return state, lax.pmean({"loss": loss, "accuracy": accuracy}, AXIS)
 
 

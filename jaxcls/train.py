@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxcls import checkpoint, distributed, guards, optim, parallel, resume, steps
 from jaxcls import config as config_lib
-from jaxcls import metric_writers, transfer
+from jaxcls import metric_writers, tracking, transfer
 from jaxcls import workdir as workdir_lib
 from jaxcls.data import augment, loader, sources
 from jaxcls.models import create_model
@@ -84,6 +84,8 @@ class _Run:
   train_rng: jax.Array
   resumed_from: int | None = None
   changed_keys: tuple[str, ...] = ()
+  callbacks: tuple = ()
+  class_weights: tuple[float, ...] = ()
 
   @property
   def is_main(self) -> bool:
@@ -95,13 +97,15 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices=None, resume: str = "auto"
+                       devices=None, resume: str = "auto", callbacks: Sequence = ()
                        ) -> tuple[steps.TrainState, RunSummary]:
   """Trains with validation after every epoch; returns the final state and a summary.
 
   `resume`: "auto" continues the workdir's run if it holds one; "never" refuses a
   workdir that holds one; "require" refuses one that does not. A run that had already
   ended trains nothing and says so (`RunSummary.stop_reason`, a warning in the log).
+  `callbacks` (see `jaxcls.tracking.Callback`) get every step's metrics, every epoch's
+  and the summary, on process 0.
 
   Raises TrainingDivergedError on a NaN or infinite loss (the last good checkpoint is
   kept), WorkdirError when the workdir cannot be written (the checkpoints already there
@@ -109,6 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   with guards.named_write_errors(workdir):
     run = _prepare(config, workdir, devices, resume)
+    run.callbacks = tuple(callbacks) + tracking.from_config(run.config)
     try:
       done = _already_done(run)
       result = (run.state, done) if done is not None else _train(run)
@@ -181,7 +186,8 @@ def _build_state(config, workdir, devices, dataset, steps_per_epoch, mngr,
   num_steps = steps_per_epoch * config.num_epochs
   _log_model(config, model, state, len(devices) * jax.process_count(), num_steps)
   run = _Run(config, workdir, devices, dataset, steps_per_epoch, num_steps, state,
-             Progress(), 0, mngr, train_rng)
+             Progress(), 0, mngr, train_rng,
+             class_weights=_class_weights(config, dataset))
   if meta is not None:
     run.changed_keys = tuple(resume.check_compatible(
         meta.training_config(), config, meta.class_names, dataset.class_names))
@@ -191,6 +197,21 @@ def _build_state(config, workdir, devices, dataset, steps_per_epoch, mngr,
   elif source is not None:
     run.state = transfer.transplant_backbone(state, source)
   return run
+
+
+def _class_weights(config, dataset: sources.Dataset) -> tuple[float, ...]:
+  """train.class_weights as given, or N / (classes × count) per class of the training
+  split with train.balance_classes; () when neither is set."""
+  classes = len(dataset.class_names)
+  if config.train.balance_classes:
+    counts = np.bincount(np.asarray(dataset.train.labels), minlength=classes)
+    return tuple(float(len(dataset.train.labels) / (classes * max(n, 1))) for n in counts)
+  weights = tuple(float(w) for w in config.train.class_weights)
+  if weights and len(weights) != classes:
+    raise config_lib.ConfigError(
+        f"train.class_weights has {len(weights)} weights, but the data has {classes} "
+        f"classes {list(dataset.class_names)}; give one weight per class.")
+  return weights
 
 
 def _log_model(config, model, state, num_devices: int, num_steps: int) -> None:
@@ -243,17 +264,20 @@ class _Steps:
     return self.frozen if step < self.frozen_for else self.train
 
 
-def pmapped_train_step(config, devices, *, freeze_backbone: bool = False):
+def pmapped_train_step(config, devices, *, freeze_backbone: bool = False,
+                       class_weights: tuple[float, ...] = ()):
   """The train step as training runs it: pmapped over `devices`, the state donated."""
-  return parallel.pmap(functools.partial(steps.train_step, **steps.step_options(config),
-                                         freeze_backbone=freeze_backbone),
-                       devices, in_axes=(0, 0, None), donate_argnums=(0,))
+  options = dataclasses.replace(steps.step_options(config, class_weights),
+                                freeze_backbone=freeze_backbone)
+  return parallel.pmap(functools.partial(steps.train_step, options=options), devices,
+                       in_axes=(0, 0, None), donate_argnums=(0,))
 
 
 def _compile(run: _Run) -> _Steps:
-  config = run.config
-  return _Steps(pmapped_train_step(config, run.devices),
-                pmapped_train_step(config, run.devices, freeze_backbone=True),
+  config, weights = run.config, run.class_weights
+  return _Steps(pmapped_train_step(config, run.devices, class_weights=weights),
+                pmapped_train_step(config, run.devices, freeze_backbone=True,
+                                   class_weights=weights),
                 parallel.pmap(steps.eval_step, run.devices),
                 optim.frozen_steps(config, run.steps_per_epoch),
                 optim.learning_rate_schedule(config.optim, run.steps_per_epoch,
@@ -329,6 +353,8 @@ def _train(run: _Run) -> tuple[steps.TrainState, RunSummary]:
           stop_reason = received or "early_stopping"
           break
     run.mngr.wait_until_finished()
+    if run.is_main:
+      writer.write_hparams(_hparams(config), run.progress)
   finally:
     bar.close()
     _close_quietly(writer.close)
@@ -336,7 +362,17 @@ def _train(run: _Run) -> tuple[steps.TrainState, RunSummary]:
     log.warning("Stopped by %s at step %d; checkpoint %d saved in %s. Run the same "
                 "command again to resume.", stop_reason, done, done,
                 checkpoint.checkpoint_dir(run.workdir))
-  return parallel.unreplicate(replicated), run.summary(done, stop_reason)
+  summary = run.summary(done, stop_reason)
+  for callback in run.callbacks if run.is_main else ():
+    callback.on_end(summary)
+  return parallel.unreplicate(replicated), summary
+
+
+def _hparams(config) -> dict:
+  """The config keys shown in TensorBoard's hyperparameter table (scalars only)."""
+  return {k: v for k, v in config_lib.flatten(config).items()
+          if isinstance(v, (bool, int, float, str)) and not k.startswith(("checkpoint.",
+                                                                             "train.log"))}
 
 
 # ----------------------------------------------------------- log, evaluate, save, stop
@@ -348,8 +384,10 @@ def _log_interval(run: _Run, writer, bar, pending: list, done: int, clock: _Cloc
   rows = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
   guards.check_losses([r["loss"] for r in rows], done, run.workdir,
                       run.config.optim.learning_rate)
-  for row in rows:
+  for offset, row in enumerate(rows):
     run.progress.epoch_sums.add(row["loss"], row["accuracy"])
+    for callback in run.callbacks if run.is_main else ():
+      callback.on_step(done - len(rows) + offset + 1, row)
   interval = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
   speed = clock.images_per_sec(done)
   epoch = (done - 1) // run.steps_per_epoch + 1
@@ -387,12 +425,19 @@ def _end_epoch(run: _Run, writer, bar, programs: _Steps, replicated, done: int,
   epoch = done // run.steps_per_epoch
   val = _evaluate(programs.evaluate, replicated, run.dataset.val, run.config, run.devices)
   writer.write(done, "val", val, epoch=epoch)
+  ema = None
+  if replicated.ema is not None:  # The weight average, on the same images.
+    averaged = replicated.replace(params=replicated.ema["params"],
+                                  batch_stats=replicated.ema["batch_stats"])
+    ema = _evaluate(programs.evaluate, averaged, run.dataset.val, run.config, run.devices)
+    writer.write(done, "val_ema", ema, epoch=epoch)
   writer.flush()
   progress = run.progress
   sums = progress.epoch_sums
   progress.last_epoch = EpochMetrics(epoch, done, sums.loss / sums.steps,
                                      sums.accuracy / sums.steps, val["loss"],
-                                     val["accuracy"])
+                                     val["accuracy"], ema and ema["loss"],
+                                     ema and ema["accuracy"])
   progress.epoch_sums = EpochSums()
   if progress.best is None or val["accuracy"] > progress.best.val_accuracy:
     progress.best = Best(val["accuracy"], epoch, done)
@@ -401,7 +446,10 @@ def _end_epoch(run: _Run, writer, bar, programs: _Steps, replicated, done: int,
     bar.write(f"epoch {epoch}/{run.config.num_epochs}  step {done}  "
               f"train loss {last.train_loss:.4f} acc {last.train_accuracy:.4f}  "
               f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  "
-              f"({clock.to_go(done, run.num_steps)} to go)")
+              + (f"ema acc {ema['accuracy']:.4f}  " if ema else "")
+              + f"({clock.to_go(done, run.num_steps)} to go)")
+    for callback in run.callbacks:
+      callback.on_epoch(epoch, dataclasses.asdict(last))
   return val
 
 
@@ -444,9 +492,8 @@ def _log_augmented_images(writer: metric_writers.MetricWriter, run: _Run) -> Non
     device = jax.devices("cpu")[0]
   except RuntimeError:  # JAX_PLATFORMS excludes the CPU: use the default device.
     device = jax.local_devices()[0]
-  apply = jax.jit(functools.partial(
-      augment.augment, flip=config.augment.flip, rotation=config.augment.rotation,
-      scale=tuple(config.augment.scale)))
+  apply = jax.jit(functools.partial(augment.augment,
+                                    options=augment.Options.from_config(config.augment)))
   images = apply(jax.device_put(jax.random.fold_in(run.train_rng, 0), device),
                  jax.device_put(batch["image"], device))
   writer.write_images(0, "train/augmented_images", np.asarray(images))

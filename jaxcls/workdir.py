@@ -53,6 +53,8 @@ class EpochMetrics:
   train_accuracy: float
   val_loss: float
   val_accuracy: float
+  val_ema_loss: float | None = None  # The weight average's, when optim.ema_decay > 0.
+  val_ema_accuracy: float | None = None
 
 
 @dataclasses.dataclass
@@ -181,11 +183,28 @@ class LoadedRun:
     return self.meta.class_names
 
 
-def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+WEIGHTS = ("raw", "ema")
+
+
+class WeightsChoiceError(JaxclsError, ValueError):
+  """Weights the checkpoint does not hold were asked for."""
+
+
+def _check_weights(weights: str, config, workdir: str) -> None:
+  if weights not in WEIGHTS:
+    raise WeightsChoiceError(f"weights={weights!r}; use one of {', '.join(WEIGHTS)}.")
+  if weights == "ema" and not config.optim.ema_decay:
+    raise WeightsChoiceError(
+        f"The run in '{workdir}' kept no weight average, so weights='ema' cannot be "
+        "used; use the raw weights, or train with --config.optim.ema_decay=0.999.")
+
+
+def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> LoadedRun:
   """The model and weights of one checkpoint, rebuilt from the checkpoint alone.
 
   By default the checkpoint with the best validation accuracy (the latest one if none
-  was validated yet); `step` picks another. Raises FileNotFoundError when there is no
+  was validated yet); `step` picks another. `weights="ema"` takes the weight average
+  that runs with optim.ema_decay > 0 keep beside the weights. Raises FileNotFoundError when there is no
   checkpoint and ValueError for a step that is not there.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -203,6 +222,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
                              f"{steps}.")
     meta = read_meta(mngr, chosen)
     config = meta.training_config()
+    _check_weights(weights, config, workdir)
     model = create_model(config.model, len(meta.class_names))
     target = jax.eval_shape(lambda: create_train_state(config, model, jax.random.key(0), 1))
     state = checkpoint.restore_state(mngr, chosen, target)
@@ -211,6 +231,8 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
   which = "requested" if step is not None else (
       "best" if meta.progress.last_epoch and meta.progress.last_epoch.step == chosen
       else "latest")
-  return LoadedRun(workdir, chosen, meta, config, model,
-                   {"params": state.params, "batch_stats": state.batch_stats},
-                   f"the {which} checkpoint: {meta.describe()}")
+  variables = (state.ema if weights == "ema" else
+               {"params": state.params, "batch_stats": state.batch_stats})
+  average = ", its weight average" if weights == "ema" else ""
+  return LoadedRun(workdir, chosen, meta, config, model, variables,
+                   f"the {which} checkpoint: {meta.describe()}{average}")

@@ -11,7 +11,8 @@ from jaxcls import optim
 from jaxcls.config import base_config
 from jaxcls.models import create_model
 from jaxcls.parallel import replicate
-from jaxcls.steps import TrainState, apply_model, root_key, train_step
+from jaxcls.data import augment
+from jaxcls.steps import StepOptions, TrainState, apply_model, root_key, train_step
 
 AXIS = "batch"
 
@@ -62,10 +63,11 @@ def make_batch(num_devices: int, per_device: int, image_size: int, num_classes: 
           "mask": np.ones(shape[:2], bool)}
 
 
-def one_step(state: TrainState, batch: dict, **kwargs):
+def one_step(state: TrainState, batch: dict, **options):
+  """One pmapped step with a flip, and any other `StepOptions` field given."""
   devices = jax.local_devices()[:batch["label"].shape[0]]
-  step = jax.pmap(functools.partial(train_step, flip=True, rotation=0.0, scale=(1.0, 1.0),
-                                    **kwargs),
+  options = StepOptions(augment=augment.Options(flip=True), **options)
+  step = jax.pmap(functools.partial(train_step, options=options),
                   axis_name=AXIS, devices=devices, in_axes=(0, 0, None))
   new, metrics = step(replicate(state, devices), batch, root_key(1))
   return jax.device_get(new), jax.device_get(metrics)

@@ -148,3 +148,41 @@ def test_step_schedule_needs_epochs():
   config.optim.schedule = "step"
   with pytest.raises(ConfigError, match="optim.step_epochs"):
     validate(config)
+
+
+ADAM_FLOAT32 = 2.0 ** -24 / 0.001  # 1 − β₂ = 0.001 in float32, as a relative error.
+
+
+def test_adamw_takes_normalized_steps_and_decouples_the_weight_decay():
+  """Adam's first step is −lr·g/(|g| + eps) whatever the gradient's size; AdamW then
+  takes lr·wd·w off the decayed leaves (kernels), not off biases or scales. Adam's bias
+  correction divides by 1 − β₂ = 0.001, which float32 holds to 2^-24/0.001 ≈ 6e-5
+  relative: the bound of these comparisons."""
+  config = optim_config(name="adamw", learning_rate=0.01, weight_decay=0.5, eps=1e-8)
+  tx = optim.create_optimizer(config, steps_per_epoch=10, num_epochs=1)
+  grads = jax.tree.map(lambda x: 4.0 * jnp.ones_like(x), params())
+  (u,) = run(tx, [grads])
+  np.testing.assert_allclose(u["head"]["bias"], -0.01, rtol=ADAM_FLOAT32)  # Not decayed.
+  np.testing.assert_allclose(u["backbone"]["bn"]["scale"], -0.01, rtol=ADAM_FLOAT32)
+  np.testing.assert_allclose(u["backbone"]["conv"]["kernel"], -0.01 - 0.01 * 0.5 * 2.0,
+                             rtol=ADAM_FLOAT32)
+  np.testing.assert_allclose(u["head"]["kernel"], -0.01 - 0.01 * 0.5 * 1.0, rtol=ADAM_FLOAT32)
+
+
+def test_adamw_keeps_freezing_and_per_group_rates():
+  config = optim_config(name="adamw", learning_rate=0.01, freeze="backbone",
+                        backbone_lr_mult=0.5)
+  tx = optim.create_optimizer(config, steps_per_epoch=1, num_epochs=4, frozen_for=1)
+  grads = ones_like(params())
+  frozen, thawed = run(tx, [grads, grads])
+  np.testing.assert_array_equal(frozen["backbone"]["conv"]["kernel"], 0.0)
+  np.testing.assert_allclose(frozen["head"]["bias"], -0.01, rtol=ADAM_FLOAT32)
+  np.testing.assert_allclose(thawed["backbone"]["bn"]["bias"], -0.005, rtol=ADAM_FLOAT32)
+
+
+def test_switching_the_optimizer_or_the_average_changes_the_state_layout():
+  sgd = optim.state_layout(optim_config(momentum=0.9))
+  adamw = optim.state_layout(optim_config(name="adamw", momentum=0.9))
+  assert sgd["optim.name"] != adamw["optim.name"]
+  assert adamw["optim.momentum"] is False  # AdamW keeps no SGD momentum.
+  assert optim.state_layout(optim_config(ema_decay=0.99))["optim.ema_decay"] is True

@@ -3,11 +3,14 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import tiny_config
-from numerics import assert_normwise_close, displacement, tiny_cnn_training
+from numerics import assert_normwise_close, displacement, normwise_error, tiny_cnn_training
+from jaxcls import config as config_lib
 from jaxcls import parallel, steps, train
 from jaxcls.data import loader, preprocess, sources
 from jaxcls.models import create_model
@@ -21,8 +24,7 @@ def _setup(num_classes=2, **overrides):
 
 
 def _step_on(devices, state, batch, rng):
-  step = jax.pmap(functools.partial(steps.train_step, flip=False, rotation=0.0,
-                                    scale=(1.0, 1.0)),
+  step = jax.pmap(functools.partial(steps.train_step, options=steps.StepOptions()),
                   axis_name=parallel.AXIS, devices=devices, in_axes=(0, 0, None))
   new_state, metrics = step(parallel.replicate(state, devices),
                             parallel.shard(batch, len(devices)), rng)
@@ -91,3 +93,87 @@ def test_eval_is_exact_with_padding(shapes_dir, num_devices):
   log_probs = np.asarray(jax.nn.log_softmax(logits))
   expected_loss = -log_probs[np.arange(37), np.array(source.labels)].mean()
   assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def _one_device_step(state, batch, options):
+  step = jax.pmap(functools.partial(steps.train_step, options=options),
+                  axis_name=parallel.AXIS, devices=jax.local_devices()[:1],
+                  in_axes=(0, 0, None))
+  new, metrics = step(parallel.replicate(state, jax.local_devices()[:1]),
+                      parallel.shard(batch, 1), steps.root_key(1))
+  return parallel.unreplicate(new), jax.device_get(metrics)
+
+
+def _batch(n=16, size=16, classes=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          "label": rng.integers(0, classes, (n,)).astype(np.int32),
+          "mask": np.ones((n,), bool)}
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update():
+  """4 micro-batches of 4 against one batch of 16: the same mean gradient, so the same
+  update to float32 rounding. Batch norm aside: the backbone's batch norm runs on its
+  running statistics here (backbone_bn_train=False), which no batch changes."""
+  config = tiny_config("generated:shapes")
+  model = create_model(config.model, 2, axis_name=parallel.AXIS, backbone_bn_train=False)
+  state = steps.create_train_state(config, model, steps.root_key(0), steps_per_epoch=10)
+  batch = _batch()
+  whole, whole_metrics = _one_device_step(state, batch, steps.StepOptions())
+  micro, micro_metrics = _one_device_step(state, batch, steps.StepOptions(accumulate=4))
+  # Forward and backward through the tiny CNN; the longest sum is the first layer's
+  # weight gradient over 16 × 16 × 16 pixels, then 4 micro-batches added.
+  assert abs(micro_metrics["loss"][0] - whole_metrics["loss"][0]) <= (
+      tiny_cnn_training(1) * whole_metrics["loss"][0])
+  assert micro_metrics["accuracy"][0] == whole_metrics["accuracy"][0]
+  start = jax.device_get(state.params)
+  assert_normwise_close(displacement(jax.device_get(micro.params), start),
+                        displacement(jax.device_get(whole.params), start),
+                        tiny_cnn_training(1), "accumulated against whole")
+  # With batch norm in training mode they differ (statistics of 4 against 16 images).
+  trained_bn = create_model(config.model, 2, axis_name=parallel.AXIS)
+  bn_state = steps.create_train_state(config, trained_bn, steps.root_key(0), 10)
+  a, _ = _one_device_step(bn_state, batch, steps.StepOptions())
+  b, _ = _one_device_step(bn_state, batch, steps.StepOptions(accumulate=4))
+  assert normwise_error(b.params["head"]["kernel"] - bn_state.params["head"]["kernel"],
+                        a.params["head"]["kernel"] - bn_state.params["head"]["kernel"]) > 1e-3
+
+
+def test_class_weights_weigh_each_example_by_its_class():
+  logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  labels = jnp.array([0, 1, 1])
+  per_example = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  weighted = float(steps.loss_fn(logits, labels, class_weights=(1.0, 3.0)))
+  assert weighted == pytest.approx((per_example[0] + 3 * per_example[1:].sum()) / 7,
+                                   rel=1e-6)
+  # Soft targets (mixup): the weight is the targets' mix of the class weights.
+  soft = jnp.array([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+  soft_losses = np.asarray(optax.softmax_cross_entropy(logits, soft))
+  weights = np.array([2.0, 3.0, 1.0])
+  assert float(steps.loss_fn(logits, soft, class_weights=(1.0, 3.0))) == pytest.approx(
+      float(np.sum(weights * soft_losses) / weights.sum()), rel=1e-6)
+
+
+def test_balanced_class_weights_come_from_the_training_split(shapes_dir):
+  config = tiny_config(f"folder:{shapes_dir}", **{"train.balance_classes": True})
+  dataset = sources.build_dataset(config.data, config.seed)
+  counts = np.bincount(dataset.train.labels)
+  weights = train._class_weights(config, dataset)
+  np.testing.assert_allclose(weights, len(dataset.train.labels) / (2 * counts))
+  config = tiny_config(f"folder:{shapes_dir}", **{"train.class_weights": (1.0, 2.0, 3.0)})
+  with pytest.raises(config_lib.ConfigError, match="3 weights, but the data has 2 classes"):
+    train._class_weights(config, dataset)
+
+
+def test_the_weight_average_follows_every_step():
+  config = tiny_config("generated:shapes", **{"optim.ema_decay": 0.75})
+  model = create_model(config.model, 2, axis_name=parallel.AXIS)
+  state = steps.create_train_state(config, model, steps.root_key(0), 10)
+  assert state.ema is not None
+  new, _ = _one_device_step(state, _batch(), steps.step_options(config))
+  expected = jax.tree.map(lambda old, now: 0.75 * np.asarray(old) + 0.25 * np.asarray(now),
+                          {"params": state.params, "batch_stats": state.batch_stats},
+                          {"params": new.params, "batch_stats": new.batch_stats})
+  # Two float32 multiply-adds per element: within 2 ulps of the numbers involved.
+  for got, want in zip(jax.tree.leaves(new.ema), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=4 * 2.0 ** -24, atol=1e-30)

@@ -59,6 +59,9 @@ def _no_augmentation(config: ml_collections.ConfigDict) -> ml_collections.Config
   config.augment.flip = False
   config.augment.rotation = 0.0
   config.augment.scale = (1.0, 1.0)
+  config.augment.crop_area = (1.0, 1.0)
+  config.augment.policy = "none"
+  config.augment.mixup_alpha = config.augment.cutmix_alpha = 0.0
   return config
 
 

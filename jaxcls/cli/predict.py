@@ -153,6 +153,9 @@ def build_parser() -> common.Parser:
                       help="Print one JSON object per line instead of tab-separated text.")
   parser.add_argument("--step", type=int, default=None,
                       help="Checkpoint step to use (default: the best by val accuracy).")
+  parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                      help="raw (default), or ema: the weight average of a run trained "
+                           "with optim.ema_decay > 0.")
   parser.add_argument("--workers", type=int, default=0,
                       help="Decode threads (default 0: one per CPU core).")
   parser.add_argument("--no-progress", action="store_true",
@@ -195,7 +198,7 @@ def _predict(argv) -> int:
           f"cannot write --output '{args.output}' ({e.strerror or e}).") from None
   from jaxcls.serve import DEFAULT_TOP_K, Predictor
   try:
-    predictor = Predictor.from_workdir(args.workdir, step=args.step,
+    predictor = Predictor.from_workdir(args.workdir, step=args.step, weights=args.weights,
                                        batch_size=args.batch_size, workers=args.workers,
                                        tta=args.tta)
   except BaseException:

@@ -1,59 +1,293 @@
-"""On-device augmentation: random flip, rotation and zoom, inside the jitted train step.
+"""On-device augmentation, inside the jitted train step.
 
 Images arrive as uint8 and leave as float32 in [0, 255]; normalization is the model's
-first layer, so training, evaluation and predict normalize identically. Rotation and zoom
-are one affine resampling (bilinear, reflecting at the borders). A flip alone is an exact
-mirror: `augment(..., flip=True, rotation=0, scale=(1, 1))` equals `np.flip` for the
-images it flips.
+first layer, so training, evaluation and predict normalize identically.
+
+- Geometry: a random resized crop, zoom, rotation, horizontal flip and the geometric
+  operations of RandAugment / TrivialAugment (shear, translate, rotate) are composed
+  into one affine map per image and resampled once (bilinear, reflecting at the
+  borders). A flip alone is an exact mirror: with everything else off, `augment` equals
+  `np.flip` for the images it flips.
+- Colour: the other operations of the policy (brightness, colour, contrast, sharpness,
+  posterize, solarize, auto-contrast, equalize), per image, after the geometry.
+- `mix` blends pairs of images of the batch, mixup (a weighted average) or cutmix (a
+  pasted box), and returns the matching soft targets for the loss.
+
+RandAugment applies `policy_ops` operations at one magnitude (`policy_magnitude` of 30,
+torchvision's scale); TrivialAugment applies one, at a magnitude drawn per image. The
+strongest setting of each operation follows torchvision's RandAugment: shear 0.3,
+translate 45 % of the side, rotate 30°, colour factors 1 ± 0.9, posterize to 4 bits,
+solarize from 255 down to 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import jax.scipy.signal
 from jax.scipy import ndimage
 
+POLICIES = ("none", "randaugment", "trivialaugment")
+# The policies' operations; the first five move pixels, the rest change colours.
+GEOMETRIC_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+COLOUR_OPS = ("brightness", "colour", "contrast", "sharpness", "posterize", "solarize",
+              "autocontrast", "equalize")
+OPS = GEOMETRIC_OPS + COLOUR_OPS
 
-def _resample(image: jnp.ndarray, angle: jnp.ndarray, zoom: jnp.ndarray,
-              flip: jnp.ndarray) -> jnp.ndarray:
-  """Samples `image` [H, W, C] at output pixels mapped back through the affine map."""
-  height, width, _ = image.shape
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to do to each training image (static: part of the compiled step)."""
+  flip: bool = False
+  rotation: float = 0.0  # Max degrees either way.
+  scale: tuple[float, float] = (1.0, 1.0)  # Min and max zoom.
+  crop_area: tuple[float, float] = (1.0, 1.0)  # Random resized crop: share of the area.
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and its aspect ratio range.
+  policy: str = "none"
+  policy_ops: int = 2
+  policy_magnitude: int = 9  # Of 30.
+
+  @classmethod
+  def from_config(cls, augment_config) -> "Options":
+    c = augment_config
+    return cls(flip=bool(c.flip), rotation=float(c.rotation),
+               scale=tuple(float(s) for s in c.scale),
+               crop_area=tuple(float(s) for s in c.crop_area),
+               crop_ratio=tuple(float(s) for s in c.crop_ratio), policy=c.policy,
+               policy_ops=int(c.policy_ops), policy_magnitude=int(c.policy_magnitude))
+
+  @property
+  def resamples(self) -> bool:
+    return (self.rotation > 0 or self.scale != (1.0, 1.0) or self.crop_area != (1.0, 1.0)
+            or self.policy != "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixOptions:
+  """Mixup and cutmix (static). With both on, each batch uses one, at random."""
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+
+  @property
+  def active(self) -> bool:
+    return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+# ------------------------------------------------------------------------ the geometry
+
+
+def _crop_box(rng, height: int, width: int, options: Options):
+  """(scale_y, scale_x, shift_y, shift_x) of a random resized crop, in pixels."""
+  if options.crop_area == (1.0, 1.0):
+    return jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.0), jnp.float32(0.0)
+  area_rng, ratio_rng, y_rng, x_rng = jax.random.split(rng, 4)
+  area = jax.random.uniform(area_rng, (), minval=options.crop_area[0],
+                            maxval=options.crop_area[1])
+  log_ratio = jax.random.uniform(ratio_rng, (), minval=math.log(options.crop_ratio[0]),
+                                 maxval=math.log(options.crop_ratio[1]))
+  ratio = jnp.exp(log_ratio)  # width / height of the crop.
+  scale_y = jnp.minimum(jnp.sqrt(area / ratio), 1.0)
+  scale_x = jnp.minimum(jnp.sqrt(area * ratio), 1.0)
+  # The crop's centre, anywhere that keeps the crop inside the image.
+  shift_y = jax.random.uniform(y_rng, (), minval=-1.0, maxval=1.0) * (1 - scale_y) * height / 2
+  shift_x = jax.random.uniform(x_rng, (), minval=-1.0, maxval=1.0) * (1 - scale_x) * width / 2
+  return scale_y, scale_x, shift_y, shift_x
+
+
+def _policy_geometry(op, magnitude, sign, height: int, width: int):
+  """(2×2 matrix, shift) in (y, x) for one policy operation (identity for colour ones)."""
+  shear = 0.3 * magnitude * sign
+  turn = jnp.deg2rad(30.0) * magnitude * sign
+  cos, sin = jnp.cos(turn), jnp.sin(turn)
+  one, zero = jnp.ones(()), jnp.zeros(())
+  matrices = jnp.stack([
+      jnp.eye(2),                                   # identity
+      jnp.array([[one, zero], [shear, one]]),       # shear_x: x moves with y
+      jnp.array([[one, shear], [zero, one]]),       # shear_y: y moves with x
+      jnp.eye(2), jnp.eye(2),                       # translate_x, translate_y
+      jnp.array([[cos, sin], [-sin, cos]])])        # rotate
+  shift = 0.45 * magnitude * sign
+  shifts = jnp.stack([jnp.zeros(2), jnp.zeros(2), jnp.zeros(2),
+                      jnp.array([zero, shift * width]), jnp.array([shift * height, zero]),
+                      jnp.zeros(2)])
+  index = jnp.minimum(op, len(GEOMETRIC_OPS) - 1)
+  is_geometric = op < len(GEOMETRIC_OPS)
+  return (jnp.where(is_geometric, matrices[index], jnp.eye(2)),
+          jnp.where(is_geometric, shifts[index], jnp.zeros(2)))
+
+
+def _resample(image, matrix, shift):
+  """Samples `image` [H, W, C] at A·p + shift for each centred output pixel p."""
+  height, width, channels = image.shape
   cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
   ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) - cy,
                         jnp.arange(width, dtype=jnp.float32) - cx, indexing="ij")
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
-  src_x = (cos * xs + sin * ys) / zoom
-  src_y = (-sin * xs + cos * ys) / zoom
-  src_x = jnp.where(flip, -src_x, src_x)
-  coords = [src_y + cy, src_x + cx]
+  src_y = matrix[0, 0] * ys + matrix[0, 1] * xs + shift[0] + cy
+  src_x = matrix[1, 0] * ys + matrix[1, 1] * xs + shift[1] + cx
 
   def channel(c):
-    return ndimage.map_coordinates(image[..., c], coords, order=1, mode="reflect")
+    return ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode="reflect")
 
-  return jnp.stack([channel(c) for c in range(image.shape[-1])], axis=-1)
+  return jnp.stack([channel(c) for c in range(channels)], axis=-1)
 
 
-def augment(rng: jax.Array, images: jnp.ndarray, *, flip: bool, rotation: float,
-            scale: tuple[float, float]) -> jnp.ndarray:
-  """Randomly flips, rotates (±`rotation` degrees) and zooms (`scale`) each image.
+def _geometry(rng, image, ops, magnitudes, signs, options: Options):
+  """One image's composed affine map, applied in one resampling."""
+  height, width, _ = image.shape
+  crop_rng, angle_rng, zoom_rng, flip_rng = jax.random.split(rng, 4)
+  scale_y, scale_x, shift_y, shift_x = _crop_box(crop_rng, height, width, options)
+  max_angle = jnp.deg2rad(options.rotation)
+  angle = jax.random.uniform(angle_rng, (), minval=-max_angle, maxval=max_angle)
+  zoom = jax.random.uniform(zoom_rng, (), minval=options.scale[0], maxval=options.scale[1])
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  # Output pixel → flip → rotate and zoom → the policy's operations → the crop box.
+  flip = jnp.where(options.flip & jax.random.bernoulli(flip_rng), -1.0, 1.0)
+  matrix = jnp.array([[cos, sin], [-sin, cos]]) @ jnp.diag(jnp.stack([1.0, flip])) / zoom
+  shift = jnp.zeros(2)
+  for op, magnitude, sign in zip(ops, magnitudes, signs):
+    op_matrix, op_shift = _policy_geometry(op, magnitude, sign, height, width)
+    matrix, shift = op_matrix @ matrix, op_matrix @ shift + op_shift
+  crop = jnp.diag(jnp.stack([scale_y, scale_x]))
+  return _resample(image, crop @ matrix, crop @ shift + jnp.stack([shift_y, shift_x]))
 
-  Args:
-    rng: PRNG key; each image draws its own values from it.
-    images: [B, H, W, C] uint8 or float.
-    flip, rotation, scale: static settings (Python values).
-  Returns:
-    float32 [B, H, W, C] in the input's value range.
+
+# -------------------------------------------------------------------------- the colours
+
+
+def _gray(image):
+  return image @ jnp.array([0.299, 0.587, 0.114], jnp.float32)  # PIL's "L" weights.
+
+
+def _blend(base, image, factor):
+  return base + factor * (image - base)
+
+
+def _smoothed(image):
+  """PIL's SMOOTH kernel (3×3, centre 5, others 1, over 13), edges left as they are."""
+  kernel = jnp.ones((3, 3), jnp.float32).at[1, 1].set(5.0) / 13.0
+  inner = jnp.stack([jax.scipy.signal.convolve2d(image[..., c], kernel, mode="valid")
+                     for c in range(image.shape[-1])], axis=-1)
+  return image.at[1:-1, 1:-1].set(inner)
+
+
+def _equalize(image):
+  """PIL's ImageOps.equalize per channel: a value goes to (pixels below it + step / 2) /
+  step, step being (pixels − those at the top value) / 255; nothing when step is 0."""
+  flat = jnp.round(image.reshape(-1, image.shape[-1]))
+  ordered = jnp.sort(flat, axis=0)
+  below = jax.vmap(lambda o, v: jnp.searchsorted(o, v, side="left"), in_axes=1,
+                   out_axes=1)(ordered, flat)
+  at_top = flat.shape[0] - jax.vmap(
+      lambda o: jnp.searchsorted(o, o[-1], side="left"), in_axes=1)(ordered)
+  step = (flat.shape[0] - at_top) // 255
+  equalized = jnp.minimum((below + step // 2) // jnp.maximum(step, 1), 255)
+  return jnp.where(step > 0, equalized, flat).astype(jnp.float32).reshape(image.shape)
+
+
+def _colour(image, op, magnitude, sign):
+  """One policy operation's colour change (nothing for the geometric ones)."""
+  factor = 1.0 + 0.9 * magnitude * sign
+  bits = 8 - jnp.round(4.0 * magnitude)
+  step = 2.0 ** (8 - bits)
+  low, high = image.min(axis=(0, 1)), image.max(axis=(0, 1))
+  branches = [
+      lambda x: x,
+      lambda x: x * factor,                                          # brightness
+      lambda x: _blend(_gray(x)[..., None], x, factor),              # colour
+      lambda x: _blend(jnp.mean(_gray(x)), x, factor),               # contrast
+      lambda x: _blend(_smoothed(x), x, factor),                     # sharpness
+      lambda x: jnp.floor(x / step) * step,                          # posterize
+      lambda x: jnp.where(x >= 255.0 * (1 - magnitude), 255.0 - x, x),  # solarize
+      lambda x: (x - low) * 255.0 / jnp.maximum(high - low, 1.0),    # autocontrast
+      _equalize,
+  ]
+  index = jnp.maximum(op - len(GEOMETRIC_OPS) + 1, 0)
+  return jnp.clip(jax.lax.switch(index, branches, image), 0.0, 255.0)
+
+
+# ------------------------------------------------------------------------ the policies
+
+
+def _draw_policy(rng, batch: int, options: Options):
+  """Per image and slot: operation index, magnitude in [0, 1], sign ±1."""
+  if options.policy == "none":
+    return jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0)), jnp.zeros((batch, 0))
+  slots = options.policy_ops if options.policy == "randaugment" else 1
+  op_rng, magnitude_rng, sign_rng = jax.random.split(rng, 3)
+  ops = jax.random.randint(op_rng, (batch, slots), 0, len(OPS))
+  if options.policy == "randaugment":
+    magnitudes = jnp.full((batch, slots), options.policy_magnitude / 30.0)
+  else:
+    magnitudes = jax.random.uniform(magnitude_rng, (batch, slots))
+  signs = jnp.where(jax.random.bernoulli(sign_rng, 0.5, (batch, slots)), 1.0, -1.0)
+  return ops, magnitudes, signs
+
+
+def augment(rng: jax.Array, images: jnp.ndarray, options: Options) -> jnp.ndarray:
+  """Augments each image of [B, H, W, C] (uint8 or float) with its own random draws.
+
+  Returns float32 [B, H, W, C] in the input's value range.
   """
   images = images.astype(jnp.float32)
   batch = images.shape[0]
-  flip_rng, angle_rng, zoom_rng = jax.random.split(rng, 3)
-  flips = (jax.random.bernoulli(flip_rng, 0.5, (batch,)) if flip
-           else jnp.zeros((batch,), bool))
-  geometric = rotation > 0 or tuple(scale) != (1.0, 1.0)
-  if not geometric:
-    mirrored = images[:, :, ::-1, :]
-    return jnp.where(flips[:, None, None, None], mirrored, images)
-  max_angle = jnp.deg2rad(rotation)
-  angles = jax.random.uniform(angle_rng, (batch,), minval=-max_angle, maxval=max_angle)
-  zooms = jax.random.uniform(zoom_rng, (batch,), minval=scale[0], maxval=scale[1])
-  return jax.vmap(_resample)(images, angles, zooms, flips)
+  geometry_rng, policy_rng, flip_rng = jax.random.split(rng, 3)
+  if options.policy not in POLICIES:
+    raise ValueError(f"augment policy {options.policy!r}; use one of {POLICIES}.")
+  if not options.resamples:  # A flip alone: an exact mirror, no resampling.
+    flips = (jax.random.bernoulli(flip_rng, 0.5, (batch,)) if options.flip
+             else jnp.zeros((batch,), bool))
+    return jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+  ops, magnitudes, signs = _draw_policy(policy_rng, batch, options)
+  keys = jax.random.split(geometry_rng, batch)
+  images = jax.vmap(lambda k, x, o, m, s: _geometry(k, x, o, m, s, options))(
+      keys, images, ops, magnitudes, signs)
+  for slot in range(ops.shape[1]):
+    images = jax.vmap(_colour)(images, ops[:, slot], magnitudes[:, slot], signs[:, slot])
+  return images
+
+
+# -------------------------------------------------------------------------- mixing
+
+
+def mix(rng: jax.Array, images: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
+        options: MixOptions) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Mixup or cutmix of each image with another of the batch: (images, soft targets).
+
+  One mixing weight λ ~ Beta(α, α) per batch; image i is blended with image i+1 (the
+  batch is already in random order). Cutmix pastes a box of area 1 − λ and uses the
+  box's exact area (after clipping at the borders) for the targets.
+  """
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if not options.active:
+    return images, onehot
+  choice_rng, mixup_rng, cutmix_rng, box_rng = jax.random.split(rng, 4)
+  partner_images, partner_onehot = jnp.roll(images, 1, axis=0), jnp.roll(onehot, 1, axis=0)
+  mixed = []
+  if options.mixup_alpha > 0:
+    lam = jax.random.beta(mixup_rng, options.mixup_alpha, options.mixup_alpha)
+    mixed.append((lam * images + (1 - lam) * partner_images,
+                  lam * onehot + (1 - lam) * partner_onehot))
+  if options.cutmix_alpha > 0:
+    lam = jax.random.beta(cutmix_rng, options.cutmix_alpha, options.cutmix_alpha)
+    inside, kept = _cutmix_box(box_rng, images.shape[1], images.shape[2], lam)
+    mixed.append((jnp.where(inside[None, :, :, None], partner_images, images),
+                  kept * onehot + (1 - kept) * partner_onehot))
+  if len(mixed) == 1:
+    return mixed[0]
+  use_cutmix = jax.random.bernoulli(choice_rng, 0.5)
+  return tuple(jnp.where(use_cutmix, b, a) for a, b in zip(*mixed))
+
+
+def _cutmix_box(rng, height: int, width: int, lam):
+  """A [H, W] mask of a box of area about 1 − λ, and the share of pixels left outside."""
+  y_rng, x_rng = jax.random.split(rng)
+  cut = jnp.sqrt(1.0 - lam)
+  cy = jax.random.uniform(y_rng, (), minval=0, maxval=height)
+  cx = jax.random.uniform(x_rng, (), minval=0, maxval=width)
+  ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  inside = ((jnp.abs(ys + 0.5 - cy) <= cut * height / 2)
+            & (jnp.abs(xs + 0.5 - cx) <= cut * width / 2))
+  return inside, 1.0 - jnp.mean(inside.astype(jnp.float32))

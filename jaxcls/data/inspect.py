@@ -48,8 +48,7 @@ def augmented_examples(dataset, config, num: int):
                                     image_size=config.data.image_size, seed=config.seed,
                                     num_steps=1, workers=config.data.workers or 1))
   images = augment.augment(jax.random.key(config.seed), batch["image"],
-                           flip=config.augment.flip, rotation=config.augment.rotation,
-                           scale=tuple(config.augment.scale))
+                           augment.Options.from_config(config.augment))
   return np.asarray(images), [int(label) for label in batch["label"]]
 
 

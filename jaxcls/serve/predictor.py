@@ -119,14 +119,16 @@ class Predictor:
     self.checkpoint_description = description
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: int | None = None, **options) -> "Predictor":
+  def from_workdir(cls, workdir: str, step: int | None = None, weights: str = "raw",
+                   **options) -> "Predictor":
     """Rebuilds the model and its weights from a checkpoint alone.
 
     By default the checkpoint with the best validation accuracy (the latest one if none
-    was validated yet); `step` picks another. `checkpoint_description` says which.
+    was validated yet); `step` picks another. `weights="ema"` uses the weight average of
+    a run trained with optim.ema_decay > 0. `checkpoint_description` says which.
     `options` are the constructor's: batch_size, workers, tta.
     """
-    run = workdir_lib.load_run(workdir, step)
+    run = workdir_lib.load_run(workdir, step, weights)
     return cls(run.model, run.variables, run.class_names, run.config.data.image_size,
                step=run.step, description=run.description, **options)
 

@@ -27,8 +27,7 @@ from numerics import agreement, assert_normwise_close
 
 def _train_step(devices):
   # A new function each time: JAX would reuse a trace of the same one.
-  return jax.pmap(functools.partial(steps.train_step, flip=False, rotation=0.0,
-                                    scale=(1.0, 1.0)),
+  return jax.pmap(functools.partial(steps.train_step, options=steps.StepOptions()),
                   axis_name=parallel.AXIS, devices=devices, in_axes=(0, 0, None))
 
 
