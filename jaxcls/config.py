@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.freeze = "none"  # "none" | "backbone" (train the head only).
   c.optim.backbone_lr_mult = 1.0  # Backbone rate = this × learning rate.
   # An exponential moving average of the weights (and batch statistics), updated every
-  # step with this decay, evaluated and checkpointed beside them; 0 turns it off.
+  # step with this decay (warmed up: (1 + step) / (10 + step) while that is smaller),
+  # evaluated and checkpointed beside them; 0 turns it off.
   c.optim.ema_decay = 0.0
 
   c.train = ml_collections.ConfigDict()

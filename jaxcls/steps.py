@@ -169,7 +169,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array,
   grads = lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if options.ema_decay > 0:
-    decay = options.ema_decay
+    # Warmed up: early on the average follows the weights closely, so that a short run
+    # still gets a useful average ((1 + t) / (10 + t) until it reaches ema_decay).
+    step = state.step.astype(jnp.float32)
+    decay = jnp.minimum(options.ema_decay, (1.0 + step) / (10.0 + step))
     state = state.replace(ema=jax.tree.map(
         lambda average, new: decay * average + (1.0 - decay) * new, state.ema,
         {"params": state.params, "batch_stats": state.batch_stats}))

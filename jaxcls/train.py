@@ -130,7 +130,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _prepare(config, workdir: str, devices, resume_mode: str) -> _Run:
   config_lib.validate(config)
   devices = list(devices or jax.local_devices())
-  parallel.check_batch_divides(config.batch_size, len(devices) * jax.process_count())
+  num_devices = len(devices) * jax.process_count()
+  parallel.check_batch_divides(config.batch_size, num_devices)
+  if config.batch_size // num_devices % config.train.accumulate_steps:
+    raise config_lib.ConfigError(
+        f"train.accumulate_steps={config.train.accumulate_steps} does not divide each "
+        f"device's {config.batch_size // num_devices} images (batch_size="
+        f"{config.batch_size} over {num_devices} devices); use a divisor of it, or a "
+        "batch_size that is a multiple of devices × accumulate_steps.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   resume.check_mode(resume_mode, workdir,
                     checkpoint.latest_complete_step(workdir) is not None)

@@ -171,9 +171,18 @@ def test_the_weight_average_follows_every_step():
   state = steps.create_train_state(config, model, steps.root_key(0), 10)
   assert state.ema is not None
   new, _ = _one_device_step(state, _batch(), steps.step_options(config))
-  expected = jax.tree.map(lambda old, now: 0.75 * np.asarray(old) + 0.25 * np.asarray(now),
+  # At the first update (step 1) the warm-up decay (1 + 1) / (10 + 1) is below 0.75.
+  decay = 2 / 11
+  expected = jax.tree.map(lambda old, now: decay * np.asarray(old) + (1 - decay) * np.asarray(now),
                           {"params": state.params, "batch_stats": state.batch_stats},
                           {"params": new.params, "batch_stats": new.batch_stats})
   # Two float32 multiply-adds per element: within 2 ulps of the numbers involved.
   for got, want in zip(jax.tree.leaves(new.ema), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=4 * 2.0 ** -24, atol=1e-30)
+
+
+def test_accumulation_must_divide_each_devices_share(shapes_dir, tmp_path):
+  config = tiny_config(f"folder:{shapes_dir}", **{"train.accumulate_steps": 3})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"accumulate_steps=3 does not divide each device's 2 images"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))

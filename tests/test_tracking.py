@@ -139,3 +139,16 @@ def test_weights_and_biases_logs_offline(run):
   assert [row["epoch"] for row in history if "epoch" in row] == [1, 2]
   assert final["final_step"] == summary.final_step
   assert final["val_accuracy"] == summary.last_epoch.val_accuracy
+
+
+def test_predict_takes_the_weight_average_from_the_command_line(run, shapes_dir, capsys):
+  from jaxcls.cli import predict as predict_cli
+  root, _, summary, _ = run
+  image = f"{shapes_dir}/disc/disc_0000.jpg"
+  assert predict_cli.main(["--workdir", str(root / "w"), "--weights", "ema", "--json",
+                           "--no-compilation-cache", image]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  expected = Predictor.from_workdir(str(root / "w"), weights="ema").predict_files([image])[0]
+  assert row["label"] == expected.label
+  # The CLI's batch of 1 is the API's too: the same program, the same numbers.
+  assert row["probabilities"] == expected.probabilities
