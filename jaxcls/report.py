@@ -21,6 +21,10 @@ batches come from `loader.eval_batches` (the same preprocessing, padding and mas
 and go through `steps.eval_outputs`, the function whose sums are the validation metrics
 in `metrics.jsonl`. Top-loss pictures are read through the source (a file, a zip member,
 a TFDS record), so the report works for every kind of source.
+
+`build_report` evaluates the validation split and calls `write_report`, which draws any
+`Evaluation`: `jaxcls-evaluate --report DIR` (jaxcls/evaluate.py) draws a held-out set's.
+Per-class scores cover the classes that occur among the labels or the predictions.
 """
 
 from __future__ import annotations
@@ -155,6 +159,17 @@ def per_class_scores(matrix: np.ndarray, class_names: Sequence[str]) -> list[dic
               for k, v in (("precision", precision), ("recall", recall), ("f1", f1))}
     rows.append({"class": name, **values, "support": int(support.sum())})
   return rows
+
+
+def class_scores(evaluation: Evaluation) -> list[dict]:
+  """`per_class_scores` over the classes that occur among the labels or the predictions
+  (scikit-learn's default): a held-out set may hold some of the model's classes only,
+  and a class neither present nor predicted says nothing (its rows would be all 0)."""
+  matrix = confusion_matrix(evaluation.labels, evaluation.predictions,
+                            len(evaluation.class_names))
+  occurring = np.flatnonzero(matrix.sum(axis=0) + matrix.sum(axis=1))
+  return per_class_scores(matrix[np.ix_(occurring, occurring)],
+                          [evaluation.class_names[i] for i in occurring])
 
 
 def top_losses(evaluation: Evaluation, k: int) -> list[dict]:
@@ -357,26 +372,37 @@ th:first-child,td:first-child{text-align:left}img{max-width:100%}
 .gallery img{width:160px}.gallery figcaption{font-size:12px;word-break:break-all}"""
 
 
-def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
-  e = html.escape
+def _facts(summary: dict) -> list[tuple[str, Any]]:
   recorded = summary.get("recorded_accuracy")
   facts = [("workdir", summary["workdir"]), ("checkpoint step", summary["step"]),
-           ("epoch", summary.get("epoch")), ("classes", ", ".join(summary["class_names"])),
-           ("validation images", summary["count"]),
-           ("accuracy", f"{summary['accuracy']:.4f}"), ("loss", f"{summary['loss']:.4f}"),
-           ("data (top-loss paths are relative to it)", summary["data_root"]),
-           ("accuracy recorded in metrics.jsonl", "none" if recorded is None
-            else f"{recorded:.4f}"),
-           ("expected calibration error", f"{summary['ece']:.4f} "
-            f"({summary['bins']} bins)")]
+           ("epoch", summary.get("epoch")), ("classes", ", ".join(summary["class_names"]))]
+  if "data" in summary:
+    facts.append(("data", summary["data"] + (f" ({summary['split']})"
+                                             if summary.get("split") else "")))
+  facts += [(f"{summary['subset']} images", summary["count"])]
+  if "skipped" in summary:
+    facts.append(("files skipped (cannot be decoded)", len(summary["skipped"])))
+  facts += [("accuracy", f"{summary['accuracy']:.4f}"), ("loss", f"{summary['loss']:.4f}"),
+            ("data (top-loss paths are relative to it)", summary["data_root"])]
+  if "recorded_accuracy" in summary:
+    facts.append(("accuracy recorded in metrics.jsonl", "none" if recorded is None
+                  else f"{recorded:.4f}"))
+  facts.append(("expected calibration error", f"{summary['ece']:.4f} "
+                f"({summary['bins']} bins)"))
+  return facts
+
+
+def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
+  e = html.escape
+  subset = summary["subset"]  # "validation" or "held-out": what was evaluated.
   parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>jaxcls report: "
            f"{e(summary['workdir'])}</title><style>{_STYLE}</style></head><body>",
            "<h1>What the model learned</h1><table>"]
-  parts += [f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in facts]
+  parts += [f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in _facts(summary)]
   parts.append("</table>")
   if summary["files"].get("curves"):
     parts.append("<h2>Training curves</h2><img src='curves.png' alt='training curves'>")
-  parts.append("<h2>Confusion matrix (validation)</h2>"
+  parts.append(f"<h2>Confusion matrix ({e(subset)})</h2>"
                "<img src='confusion_matrix.png' alt='confusion matrix'>")
   parts.append("<h2>Per-class scores</h2><table><tr><th>class</th><th>precision</th>"
                "<th>recall</th><th>F1</th><th>support</th></tr>")
@@ -388,7 +414,7 @@ def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
                f"<b>{summary['ece']:.4f}</b> (the gap between confidence and accuracy, "
                f"averaged over {summary['bins']} confidence bins, weighted by images).</p>"
                "<img src='reliability.png' alt='reliability diagram'>")
-  parts.append(f"<h2>Top losses</h2><p>The {len(top)} misclassified validation images "
+  parts.append(f"<h2>Top losses</h2><p>The {len(top)} misclassified {e(subset)} images "
                "with the highest loss (most confidently wrong), highest first. Wrong "
                "labels show up here.</p><div class='gallery'>")
   for rank, item in enumerate(top):
@@ -398,7 +424,7 @@ def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
         f"predicted: {e(item['predicted'])} ({item['probability']:.3f})<br>"
         f"loss: {item['loss']:.3f}</figcaption></figure>")
   if not top:
-    parts.append("<p>No validation image is misclassified.</p>")
+    parts.append(f"<p>No {e(subset)} image is misclassified.</p>")
   parts.append("</div></body></html>")
   return "\n".join(parts)
 
@@ -435,35 +461,57 @@ def load_validation(workdir: str, step: int | None = None,
 
 def build_report(workdir: str, step: int | None = None, out_dir: str | None = None, *,
                  top_k: int = 24, bins: int = 10, progress: bool = True) -> dict:
-  """Writes the report folder; returns its summary (also saved as report.json)."""
+  """Writes the report of a checkpoint on its validation split; returns its summary
+  (also saved as report.json)."""
   workdir = os.path.abspath(workdir)
   out_dir = os.path.abspath(out_dir or os.path.join(workdir, REPORT_DIR))
+  evaluation, meta = load_validation(workdir, step, progress)
+  rows = metric_writers.read_metrics(workdir)
+  recorded = _recorded_val(rows, meta.step)
+  about = {"workdir": workdir, "step": meta.step, "epoch": meta.epoch,
+           "subset": "validation",
+           "recorded_accuracy": recorded["accuracy"] if recorded else None,
+           "recorded_loss": recorded["loss"] if recorded else None}
+  return write_report(evaluation, out_dir, about, metrics_rows=rows, top_k=top_k,
+                      bins=bins)
+
+
+def _clear_gallery(out_dir: str) -> str:
   gallery = os.path.join(out_dir, "top_losses")
   os.makedirs(gallery, exist_ok=True)
   for name in os.listdir(gallery):  # An earlier report's pictures would linger.
     if name.endswith(".png") and name[:-4].isdigit():
       os.remove(os.path.join(gallery, name))
-  evaluation, meta = load_validation(workdir, step, progress)
+  return gallery
+
+
+def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
+                 metrics_rows: Sequence[dict] = (), top_k: int = 24,
+                 bins: int = 10) -> dict:
+  """Writes the figures, tables and pages of `evaluation` into `out_dir`.
+
+  `about` describes what was evaluated and goes into the summary as it is: at least
+  "workdir", "step", "epoch" and "subset" ("validation", "held-out"). The training
+  curves are drawn from `metrics_rows` when there are any. Returns the summary (also
+  saved as report.json).
+  """
+  out_dir = os.path.abspath(out_dir)
+  gallery = _clear_gallery(out_dir)
   names = evaluation.class_names
   matrix = confusion_matrix(evaluation.labels, evaluation.predictions, len(names))
-  scores = per_class_scores(matrix, names)
-  probabilities = evaluation.probabilities
-  cal = calibration(probabilities.max(axis=-1),
+  scores = class_scores(evaluation)
+  cal = calibration(evaluation.probabilities.max(axis=-1),
                     evaluation.predictions == evaluation.labels, bins)
   top = top_losses(evaluation, top_k)
-  rows = metric_writers.read_metrics(workdir)
-  recorded = _recorded_val(rows, meta.step)
-
   files = {"confusion_matrix": "confusion_matrix.png", "per_class": "per_class.csv",
            "reliability": "reliability.png", "top_losses": "top_losses.png",
            "summary": "report.json", "html": "index.html"}
-  if rows:
+  if metrics_rows:
     files["curves"] = "curves.png"
-    plot_curves(epoch_curves(rows), os.path.join(out_dir, files["curves"]))
+    plot_curves(epoch_curves(list(metrics_rows)), os.path.join(out_dir, files["curves"]))
   plot_confusion(matrix, names, os.path.join(out_dir, files["confusion_matrix"]))
   plot_reliability(cal, os.path.join(out_dir, files["reliability"]))
-  thumbnails = [os.path.join(gallery, f"{rank:03d}.png")
-                for rank in range(len(top))]
+  thumbnails = [os.path.join(gallery, f"{rank:03d}.png") for rank in range(len(top))]
   for item, thumb in zip(top, thumbnails):
     save_thumbnail(evaluation.source, item["index"], thumb)
   plot_top_losses(top, thumbnails, os.path.join(out_dir, files["top_losses"]))
@@ -471,15 +519,10 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
     writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
     writer.writeheader()
     writer.writerows(scores)
-
   summary = {
-      "workdir": workdir, "report_dir": out_dir, "data_root": evaluation.root,
-      "step": meta.step,
-      "epoch": meta.epoch, "class_names": list(names),
-      "count": int(len(evaluation.labels)), "accuracy": evaluation.accuracy,
-      "loss": evaluation.loss,
-      "recorded_accuracy": recorded["accuracy"] if recorded else None,
-      "recorded_loss": recorded["loss"] if recorded else None,
+      **about, "report_dir": out_dir, "data_root": evaluation.root,
+      "class_names": list(names), "count": int(len(evaluation.labels)),
+      "accuracy": evaluation.accuracy, "loss": evaluation.loss,
       "ece": cal["ece"], "bins": bins, "calibration": cal,
       "confusion_matrix": matrix.tolist(), "per_class": scores, "top_losses": top,
       "files": files}

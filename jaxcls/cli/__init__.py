@@ -6,6 +6,7 @@
 | `jaxcls-predict` | predict.py |
 | `jaxcls-export` | export.py |
 | `jaxcls-report` | report.py |
+| `jaxcls-evaluate` | evaluate.py |
 | `jaxcls-inspect` | inspect.py |
 | `jaxcls-pretrained import` | pretrained.py |
 | `python -m jaxcls.benchmark`, `jaxcls-benchmark` | benchmark.py |

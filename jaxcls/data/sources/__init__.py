@@ -9,14 +9,18 @@
 
 `base.py` holds the protocol every source follows (`Source`), the registry (`register`,
 `KINDS`) and `build_dataset`; `listed.py` what the file-listing kinds share (the class
-layout, one decode of every file, the split by path hash). A new kind is one file with
-an `@register("kind")` builder, imported before the config is used (a config file can
-import it).
+layout, one decode of every file, the split by path hash); `held_out.py` held-out sets
+for evaluation (`build_held_out`: every example, none split off, labelled by class name
+in a model's classes; kinds that offer them register a lister with
+`@register_held_out`). A new kind is one file with an `@register("kind")` builder,
+imported before the config is used (a config file can import it).
 """
 
 from jaxcls.data.sources.base import (IMAGE_EXTENSIONS, KINDS, SKIPPED_FILE, DataError,
                                       Dataset, Source, build_dataset, is_image_name,
                                       register, worker_count)
+from jaxcls.data.sources.held_out import (HELD_OUT_KINDS, HeldOut, build_held_out,
+                                          register_held_out)
 from jaxcls.data.sources.listed import (VERIFY_CACHE_FILE, index_classes, split_fraction,
                                         verify_files)
 # The built-in kinds register themselves on import.

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from jaxcls.data.sources import listed
 from jaxcls.data.sources.base import IMAGE_EXTENSIONS, DataError, digest, register
+from jaxcls.data.sources.held_out import register_held_out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class FileSource:
                     self.stamps or [self.stamp(i) for i in range(len(self))]])
 
 
-def list_folder(root: str) -> tuple[FileSource, tuple[str, ...]]:
+def list_folder(root: str, min_classes: int = 2) -> tuple[FileSource, tuple[str, ...]]:
   """Every image file below the class folders of `root`, with sorted class names."""
   if not os.path.isdir(root):
     raise DataError(f"Image folder '{root}' does not exist. Point data.source at a folder "
@@ -63,7 +64,7 @@ def list_folder(root: str) -> tuple[FileSource, tuple[str, ...]]:
     rel = os.path.relpath(dirpath, root)
     parts = [] if rel == "." else rel.split(os.sep)
     files.extend(parts + [f] for f in filenames)
-  prefix, found, class_names = listed.index_classes(files, root)
+  prefix, found, class_names = listed.index_classes(files, root, min_classes)
   class_root = os.path.join(root, *prefix)
   for name in sorted(os.listdir(class_root)):
     if (name not in class_names and listed.visible([name])
@@ -81,9 +82,18 @@ def list_folder(root: str) -> tuple[FileSource, tuple[str, ...]]:
 
 
 
-
 @register("folder")
 def build(arg: str, data_config, *, seed: int, workdir: str | None, workers: int):
   source, class_names = list_folder(os.path.expanduser(arg))
   return listed.split_listed(source, class_names, data_config, seed=seed, workdir=workdir,
                              workers=workers)
+
+
+@register_held_out("folder")
+def held_out(arg: str, data_config, split: None):
+  del data_config, split  # A folder is listed whole, at any image size.
+  root = os.path.expanduser(arg)
+  if not os.path.isdir(root):
+    raise DataError(f"Image folder '{root}' does not exist. Evaluate on a folder with "
+                    "one subfolder per class named like the model's classes.")
+  return list_folder(root, min_classes=1)

@@ -37,13 +37,14 @@ def visible(parts: Sequence[str]) -> bool:
   return not any(p.startswith(".") or p in IGNORED_FOLDERS for p in parts)
 
 
-def index_classes(files: Iterable[Sequence[str]], where: str
+def index_classes(files: Iterable[Sequence[str]], where: str, min_classes: int = 2
                   ) -> tuple[list[str], list[tuple[str, int, int]], tuple[str, ...]]:
   """Finds the class folders among image files given as path parts.
 
   Returns (prefix parts of the class root, [(path below the class root, label, position
   in `files`)], sorted class names). The class root is the top level, or the single
   top folder when the classes sit one level down (PetImages/Cat, PetImages/Dog).
+  Training needs two classes at least; a held-out set may hold one (`min_classes=1`).
   """
   files = [(list(parts), pos) for pos, parts in enumerate(files)]
   images = [(p, pos) for p, pos in files if is_image_name(p[-1]) and visible(p)]
@@ -58,9 +59,11 @@ def index_classes(files: Iterable[Sequence[str]], where: str
     if len(classes_at(1, [single])) >= 2:
       prefix = [single]
   class_names = tuple(sorted(classes_at(len(prefix), prefix)))
-  if len(class_names) < 2:
+  if len(class_names) < min_classes:
+    needs = ("a classifier needs at least two" if min_classes > 1
+             else "evaluation needs at least one")
     raise DataError(f"'{where}' has {len(class_names)} class folder(s) with images "
-                    f"{list(class_names)}; a classifier needs at least two. Put each "
+                    f"{list(class_names)}; {needs}. Put each "
                     "class's images in its own folder (e.g. Cat/, Dog/), at the top or "
                     "one level down (PetImages/Cat/).")
   label_of = {name: label for label, name in enumerate(class_names)}
@@ -144,13 +147,22 @@ def _split(source, seed: int, val_fraction: float):
   return train, val
 
 
+def drop_broken(source, image_size: int, cache_dir: str | None, workers: int
+                ) -> tuple[object, tuple[dict, ...]]:
+  """(`source` without the files that fail to decode, {"path", "reason"} of each of them).
+
+  `cache_dir` keeps the verdicts (verified_files.json); None keeps none.
+  """
+  broken = verify_files(source, image_size, cache_dir, workers)
+  skipped = tuple({"path": source.key(i), "reason": broken[i]} for i in sorted(broken))
+  return source.subset([i for i in range(len(source)) if i not in broken]), skipped
+
+
 def split_listed(source, class_names: Sequence[str], data_config, *, seed: int,
                  workdir: str | None, workers: int) -> Dataset:
   """Verifies every file of a listed `source`, skips the broken ones, and splits it."""
-  broken = verify_files(source, data_config.image_size, workdir, workers)
-  skipped = tuple({"path": source.key(i), "reason": broken[i]} for i in sorted(broken))
+  kept, skipped = drop_broken(source, data_config.image_size, workdir, workers)
   write_skipped(skipped, workdir)
-  kept = source.subset([i for i in range(len(source)) if i not in broken])
   for label, name in enumerate(class_names):
     if label not in kept.labels:
       raise DataError(f"Class '{name}' has no readable images left after skipping "

@@ -13,6 +13,7 @@ import logging
 import os
 
 from jaxcls.data.sources.base import DataError, Dataset, digest, register, write_skipped
+from jaxcls.data.sources.held_out import register_held_out
 
 log = logging.getLogger("jaxcls")
 
@@ -105,8 +106,12 @@ def _feature_keys(features, name: str) -> tuple[str, str]:
   return image_key, label_key
 
 
-def build_tfds(name: str, data_config) -> Dataset:
-  """The train and val splits of a TFDS set, prepared on first use."""
+def open_splits(name: str, data_config, splits: dict[str, str]
+                ) -> tuple[list[TfdsSource], tuple[str, ...]]:
+  """The named splits of a TFDS set (prepared on first use) and its class names.
+
+  `splits` maps what the user set (a config key, a flag) to the split, for messages.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = os.path.expanduser(data_config.tfds_data_dir) or None
   try:
@@ -118,12 +123,12 @@ def build_tfds(name: str, data_config) -> Dataset:
   image_key, label_key = _feature_keys(features, name)
   decoders = {image_key: tfds.decode.SkipDecoding()}  # Bytes: our preprocess decodes.
 
-  def open_split(split: str):
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            decoders=decoders)
+  def open_all():
+    return [tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                             decoders=decoders) for split in splits.values()]
 
   try:
-    records = [open_split(s) for s in (data_config.train_split, data_config.val_split)]
+    records = open_all()
   except (NotImplementedError, AssertionError, FileNotFoundError) as e:
     if builder.is_prepared():  # E.g. prepared earlier as TFRecord by tfds.load.
       raise DataError(
@@ -131,18 +136,24 @@ def build_tfds(name: str, data_config) -> Dataset:
           "jaxcls needs it prepared as ArrayRecord: set data.tfds_data_dir to an empty "
           "folder (or delete that one) and it is prepared again.") from None
     prepare_tfds(builder, name)
-    records = [open_split(s) for s in (data_config.train_split, data_config.val_split)]
+    records = open_all()
   except ValueError as e:  # A split TFDS does not know, or bad slicing syntax.
-    raise DataError(f"TFDS '{name}': {e}. Set data.train_split / data.val_split, e.g. "
-                    "train[:80%] and train[80%:].") from None
-  train, val = (TfdsSource(name, split, data_dir or "", r, image_key, label_key)
-                for split, r in zip((data_config.train_split, data_config.val_split),
-                                    records))
-  for split, source in (("data.train_split", train), ("data.val_split", val)):
+    raise DataError(f"TFDS '{name}': {e}. Set {' and '.join(splits)} to splits the set "
+                    "has, e.g. train[:80%], train[80%:].") from None
+  opened = [TfdsSource(name, split, data_dir or "", r, image_key, label_key)
+            for split, r in zip(splits.values(), records)]
+  for what, source in zip(splits, opened):
     if len(source) == 0:
-      raise DataError(f"TFDS '{name}' split '{source.split}' ({split}) is empty.")
-  return Dataset(train, val, tuple(features[label_key].names))
+      raise DataError(f"TFDS '{name}' split '{source.split}' ({what}) is empty.")
+  return opened, tuple(features[label_key].names)
 
+
+def build_tfds(name: str, data_config) -> Dataset:
+  """The train and val splits of a TFDS set, prepared on first use."""
+  (train, val), class_names = open_splits(
+      name, data_config, {"data.train_split": data_config.train_split,
+                          "data.val_split": data_config.val_split})
+  return Dataset(train, val, class_names)
 
 
 @register("tfds")
@@ -151,3 +162,10 @@ def build(arg: str, data_config, *, seed: int, workdir: str | None, workers: int
   dataset = build_tfds(arg, data_config)
   write_skipped([], workdir)
   return dataset
+
+
+@register_held_out("tfds", verify=False, splits=True)
+def held_out(arg: str, data_config, split: str):
+  """One whole split (e.g. `test`, `train[80%:]`); TFDS verified it when preparing."""
+  (source,), class_names = open_splits(arg, data_config, {"the split": split})
+  return source, class_names

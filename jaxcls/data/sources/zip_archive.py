@@ -14,6 +14,7 @@ from typing import Sequence
 from jaxcls.data import preprocess
 from jaxcls.data.sources import listed
 from jaxcls.data.sources.base import DataError, digest, register
+from jaxcls.data.sources.held_out import register_held_out
 
 # A zip member that inflates to more than this is refused before it is read: a small
 # archive must not make a run allocate gigabytes.
@@ -102,7 +103,7 @@ def _safe_parts(name: str) -> list[str] | None:
   return [part for part in parts if part not in ("", ".")]
 
 
-def list_zip(archive: str) -> tuple[ZipSource, tuple[str, ...]]:
+def list_zip(archive: str, min_classes: int = 2) -> tuple[ZipSource, tuple[str, ...]]:
   """Every image member below the class folders inside `archive`."""
   if not os.path.isfile(archive):
     raise DataError(f"Zip file '{archive}' does not exist. Point data.source at a .zip "
@@ -123,7 +124,7 @@ def list_zip(archive: str) -> tuple[ZipSource, tuple[str, ...]]:
   if unsafe:
     log.warning("Ignored %d member(s) of %s whose names are absolute or contain '..'.",
                 unsafe, archive)
-  _, found, class_names = listed.index_classes([p for p, _ in safe], archive)
+  _, found, class_names = listed.index_classes([p for p, _ in safe], archive, min_classes)
   picked = [safe[pos][1] for _, _, pos in found]
   source = ZipSource(archive, [i.filename for i in picked], [path for path, _, _ in found],
                      [label for _, label, _ in found],
@@ -133,9 +134,18 @@ def list_zip(archive: str) -> tuple[ZipSource, tuple[str, ...]]:
 
 
 
-
 @register("zip")
 def build(arg: str, data_config, *, seed: int, workdir: str | None, workers: int):
   source, class_names = list_zip(os.path.expanduser(arg))
   return listed.split_listed(source, class_names, data_config, seed=seed, workdir=workdir,
                              workers=workers)
+
+
+@register_held_out("zip")
+def held_out(arg: str, data_config, split: None):
+  del data_config, split  # An archive is listed whole, at any image size.
+  archive = os.path.expanduser(arg)
+  if not os.path.isfile(archive):
+    raise DataError(f"Zip file '{archive}' does not exist. Evaluate on a .zip holding "
+                    "one folder per class named like the model's classes.")
+  return list_zip(archive, min_classes=1)
