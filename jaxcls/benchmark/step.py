@@ -111,12 +111,12 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   fast_convolutions = cpu is not None and cpu.fast_convolutions_in(compiled.as_text())
   flops = compiled_flops(compiled)
   if fast_convolutions:
-    # XLA counts nothing for oneDNN's convolutions (custom calls). Count the same step
-    # with XLA's convolutions, as lowered (before XLA's optimizations, which moved the
-    # count by under 1 % for the CNN and ResNet-18).
+    # XLA counts nothing for oneDNN's convolutions (custom calls): count the same step
+    # compiled with XLA's convolutions. (The lowered program's count is not a substitute:
+    # XLA's optimizations move it by 1-2 %.)
     with cpu.disabled():
       flops = compiled_flops(
-          train.pmapped_train_step(config, devices).lower(state, batch, step_rng))
+          train.pmapped_train_step(config, devices).lower(state, batch, step_rng).compile())
   per_device = config.batch_size // len(devices)
   times, cpu_times = [], []
   for i in range(warmup + steps):

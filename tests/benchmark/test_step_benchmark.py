@@ -95,10 +95,8 @@ def test_step_flops_count_onednn_convolutions(make_config):
   ours = step_benchmark.measure_train_step(config, steps=1, warmup=0)
   with cpu.disabled():
     theirs = step_benchmark.measure_train_step(config, steps=1, warmup=0)
-  # Lowered against compiled: 0.8 % apart here. XLA's count of the compiled step with
-  # oneDNN's convolutions would be a fifth of it.
-  assert ours["step_flops_per_image"] == pytest.approx(theirs["step_flops_per_image"],
-                                                       rel=0.02)
+  # The same program compiled the same way: the same count.
+  assert ours["step_flops_per_image"] == theirs["step_flops_per_image"] > 0
 
 
 @pytest.mark.slow
