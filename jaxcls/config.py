@@ -29,103 +29,132 @@ def base_config() -> ml_collections.ConfigDict:
   # A workdir (a jaxcls run, or weights imported with `jaxcls-pretrained import`)
   # whose backbone and input normalization start this run; the head starts fresh.
   c.init_from = ""
+  c.data = _data_defaults()
+  c.augment = _augment_defaults()
+  c.model = _model_defaults()
+  c.optim = _optim_defaults()
+  c.train = _train_defaults()
+  c.checkpoint = _checkpoint_defaults()
+  return c
 
-  c.data = ml_collections.ConfigDict()
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  """Where the images come from and how they are read."""
+  s = ml_collections.ConfigDict()
   # "tfds:NAME" (TensorFlow Datasets), "folder:PATH" (class subfolders), "zip:PATH"
   # (class folders inside a .zip, read in place) or "generated:shapes" (drawn on the fly).
-  c.data.source = ""
-  c.data.image_size = 64
-  c.data.val_fraction = 0.2  # folder:, zip:, generated: (split by a hash of the path).
-  c.data.train_split = "train"  # tfds: only, TFDS split syntax, e.g. "train[:80%]".
-  c.data.val_split = "validation"  # tfds: only, e.g. "train[80%:]".
-  c.data.tfds_data_dir = ""  # tfds: only; "" = TFDS's default (~/tensorflow_datasets).
-  c.data.workers = 0  # Decode threads; 0 = one per CPU core.
+  s.source = ""
+  s.image_size = 64
+  s.val_fraction = 0.2  # folder:, zip:, generated: (split by a hash of the path).
+  s.train_split = "train"  # tfds: only, TFDS split syntax, e.g. "train[:80%]".
+  s.val_split = "validation"  # tfds: only, e.g. "train[80%:]".
+  s.tfds_data_dir = ""  # tfds: only; "" = TFDS's default (~/tensorflow_datasets).
+  s.workers = 0  # Decode threads; 0 = one per CPU core.
   # Decoded, resized uint8 images kept after their first decode: "none", "memory" or
   # "disk" (WORKDIR/cache/, reused by later runs), so later epochs decode no JPEG.
-  c.data.cache = "none"
-  c.data.generated_per_class = 300  # For "generated:" sources only.
+  s.cache = "none"
+  s.generated_per_class = 300  # For "generated:" sources only.
+  return s
 
-  c.augment = ml_collections.ConfigDict()
-  c.augment.flip = True  # Random horizontal flip.
-  c.augment.rotation = 10.0  # Max degrees either way; 0 turns rotation off.
-  c.augment.scale = (0.9, 1.1)  # Min and max zoom; (1.0, 1.0) turns it off.
+
+def _augment_defaults() -> ml_collections.ConfigDict:
+  """Random changes to training images (none at evaluation)."""
+  s = ml_collections.ConfigDict()
+  s.flip = True  # Random horizontal flip.
+  s.rotation = 10.0  # Max degrees either way; 0 turns rotation off.
+  s.scale = (0.9, 1.1)  # Min and max zoom; (1.0, 1.0) turns it off.
   # Random resized crop: the crop's share of the image area, and its aspect-ratio range
   # (the crop is resized to data.image_size); (1.0, 1.0) turns it off.
-  c.augment.crop_area = (1.0, 1.0)
-  c.augment.crop_ratio = (0.75, 4 / 3)
+  s.crop_area = (1.0, 1.0)
+  s.crop_ratio = (0.75, 4 / 3)
   # "none", "randaugment" (policy_ops operations at policy_magnitude of 30) or
   # "trivialaugment" (one operation per image, at a random magnitude).
-  c.augment.policy = "none"
-  c.augment.policy_ops = 2
-  c.augment.policy_magnitude = 9
+  s.policy = "none"
+  s.policy_ops = 2
+  s.policy_magnitude = 9
   # Mixup and cutmix: Beta(alpha, alpha) mixing weights; 0 turns each off. With both on,
   # each batch uses one of the two.
-  c.augment.mixup_alpha = 0.0
-  c.augment.cutmix_alpha = 0.0
+  s.mixup_alpha = 0.0
+  s.cutmix_alpha = 0.0
+  return s
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "cnn"
-  c.model.widths = (32, 64, 128)  # Channels of each conv block (cnn).
-  c.model.dropout = 0.3
-  c.model.head_hidden = ()  # Widths of hidden ReLU layers between backbone and output.
-  c.model.dtype = "float32"
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """The network and its input normalization."""
+  s = ml_collections.ConfigDict()
+  s.name = "cnn"
+  s.widths = (32, 64, 128)  # Channels of each conv block (cnn).
+  s.dropout = 0.3
+  s.head_hidden = ()  # Widths of hidden ReLU layers between backbone and output.
+  s.dtype = "float32"
   # Input normalization travels with the checkpoint: predict uses the same.
-  c.model.input_mean = (127.5, 127.5, 127.5)
-  c.model.input_std = (127.5, 127.5, 127.5)
+  s.input_mean = (127.5, 127.5, 127.5)
+  s.input_std = (127.5, 127.5, 127.5)
+  return s
 
-  c.optim = ml_collections.ConfigDict()
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+  """The optimizer, its schedule and its penalties."""
+  s = ml_collections.ConfigDict()
   # "sgd" (with momentum; weight_decay is L2 added to the gradient) or "adamw" (Adam
   # with decoupled weight decay: weight_decay × learning rate × w subtracted each step).
-  c.optim.name = "sgd"
-  c.optim.learning_rate = 0.05
-  c.optim.momentum = 0.9  # sgd.
-  c.optim.nesterov = False  # sgd.
-  c.optim.beta1 = 0.9  # adamw.
-  c.optim.beta2 = 0.999  # adamw.
-  c.optim.eps = 1e-8  # adamw.
-  c.optim.weight_decay = 5e-4  # On the leaves named in decay_leaves.
-  c.optim.l1 = 0.0  # L1 on the same leaves.
+  s.name = "sgd"
+  s.learning_rate = 0.05
+  s.momentum = 0.9  # sgd.
+  s.nesterov = False  # sgd.
+  s.beta1 = 0.9  # adamw.
+  s.beta2 = 0.999  # adamw.
+  s.eps = 1e-8  # adamw.
+  s.weight_decay = 5e-4  # On the leaves named in decay_leaves.
+  s.l1 = 0.0  # L1 on the same leaves.
   # Parameter names that weight decay and L1 apply to; add "bias" or "scale" to
   # penalize biases or batch-norm scales too.
-  c.optim.decay_leaves = ("kernel",)
-  c.optim.schedule = "cosine"  # "constant" | "cosine" | "step".
-  c.optim.warmup_epochs = 0.0
-  c.optim.step_epochs = ()  # "step": epochs at which the rate is multiplied by step_factor.
-  c.optim.step_factor = 0.1
-  c.optim.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 = off.
-  c.optim.freeze = "none"  # "none" | "backbone" (train the head only).
-  c.optim.backbone_lr_mult = 1.0  # Backbone rate = this × learning rate.
+  s.decay_leaves = ("kernel",)
+  s.schedule = "cosine"  # "constant" | "cosine" | "step".
+  s.warmup_epochs = 0.0
+  s.step_epochs = ()  # "step": epochs at which the rate is multiplied by step_factor.
+  s.step_factor = 0.1
+  s.grad_clip_norm = 0.0  # Clip the global gradient norm to this; 0 = off.
+  s.freeze = "none"  # "none" | "backbone" (train the head only).
+  s.backbone_lr_mult = 1.0  # Backbone rate = this × learning rate.
   # An exponential moving average of the weights (and batch statistics), updated every
   # step with this decay (warmed up: (1 + step) / (10 + step) while that is smaller),
   # evaluated and checkpointed beside them; 0 turns it off.
-  c.optim.ema_decay = 0.0
+  s.ema_decay = 0.0
+  return s
 
-  c.train = ml_collections.ConfigDict()
-  c.train.log_every_steps = 50
-  c.train.progress_bar = True
-  c.train.label_smoothing = 0.0
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  """The loop: logging, loss options, stopping, accumulation, tracking."""
+  s = ml_collections.ConfigDict()
+  s.log_every_steps = 50
+  s.progress_bar = True
+  s.label_smoothing = 0.0
   # With optim.freeze="backbone": train the whole network after this many epochs;
   # 0 keeps the backbone frozen for the whole run.
-  c.train.unfreeze_after_epochs = 0
-  c.train.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
+  s.unfreeze_after_epochs = 0
+  s.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
   # Stop after this many epochs without a better validation accuracy; 0 = never.
-  c.train.early_stopping_patience = 0
+  s.early_stopping_patience = 0
   # Gradient accumulation: each batch runs as this many micro-batches, one update.
-  c.train.accumulate_steps = 1
-  # Per-class loss weights: "balanced" weighs each class by N / (classes × its count) in
-  # the training split; () weights all alike; or one weight per class.
-  c.train.class_weights = ()
-  c.train.balance_classes = False
+  s.accumulate_steps = 1
+  # Per-class loss weights: one per class, or () for all alike. balance_classes instead
+  # weighs each class by N / (classes × its count) in the training split.
+  s.class_weights = ()
+  s.balance_classes = False
   # Weights & Biases: a project name logs the run there (pip install 'jaxcls[wandb]';
   # WANDB_MODE=offline keeps it local); "" = off.
-  c.train.wandb_project = ""
+  s.wandb_project = ""
+  return s
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.keep = 3  # The last N checkpoints; the best one is kept besides these.
-  c.checkpoint.every_steps = 1000  # Also save every N steps (0 = at epoch ends only).
-  c.checkpoint.async_save = True  # Write in a background thread while training goes on.
-  return c
 
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+  """What is saved, how often."""
+  s = ml_collections.ConfigDict()
+  s.keep = 3  # The last N checkpoints; the best one is kept besides these.
+  s.every_steps = 1000  # Also save every N steps (0 = at epoch ends only).
+  s.async_save = True  # Write in a background thread while training goes on.
+  return s
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   items = {}
