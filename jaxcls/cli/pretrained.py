@@ -41,6 +41,11 @@ def build_parser() -> common.Parser:
 
 def _import(argv) -> int:
   args, _ = common.parse(build_parser(), argv)
+  common.setup_logging()  # jaxcls's own lines: which cache, what is downloaded.
+  # huggingface_hub warns on each retry of an unreachable hub; the one error line that
+  # follows says what happened and what to do.
+  from huggingface_hub.utils import logging as hub_logging
+  hub_logging.set_verbosity_error()
   from jaxcls import pretrained
   out = pretrained.import_weights(args.arch, args.weights, args.out, args.classes,
                                   args.image_size)

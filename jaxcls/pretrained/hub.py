@@ -65,6 +65,9 @@ def _cached_or_downloaded(spec: str, repo_id: str, revision: str | None,
   except HFValidationError as e:
     raise WeightsError(f"'{spec}' is not a hub repository name ({_one_line(e)}); timm's "
                        "look like hf-hub:timm/resnet50.tv2_in1k.") from None
+  from huggingface_hub import constants
+  log.info("%s: %s is not in the cache; downloading it from %s into %s", spec, filename,
+           constants.ENDPOINT, cache_folder(repo_id))
   try:
     return hf_hub_download(repo_id, filename, revision=revision)
   except OSError as e:  # Every error huggingface_hub raises for a download.

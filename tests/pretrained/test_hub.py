@@ -174,3 +174,14 @@ def test_missing_repository_file_and_architecture_are_named(tmp_path, repo_files
                        "revision 'v2'.$"):
       hub.fetch(REPO + "@v2")
     assert hub.fetch(f"{REPO}@{COMMIT}").arch == "resnet18"
+
+
+def test_a_name_the_hub_cannot_have_is_refused_before_any_request(tmp_path):
+  with hub_environment(str(tmp_path / "hf"), "http://127.0.0.1:9"):
+    with pytest.raises(WeightsError) as raised:
+      hub.fetch("timm/bad name")
+  assert str(raised.value) == (
+      "'hf-hub:timm/bad name' is not a hub repository name (Repo id must use alphanumeric "
+      "chars, '-', '_' or '.'. The name cannot start or end with '-' or '.' and the "
+      "maximum length is 96: 'timm/bad name'.); timm's look like "
+      "hf-hub:timm/resnet50.tv2_in1k.")
