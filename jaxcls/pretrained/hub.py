@@ -157,6 +157,9 @@ def _read_config(spec: str, path: str) -> dict:
 def _release(spec: str, config: dict, weights_path: str) -> Release:
   """What timm's config.json says: the architecture, normalization, size and classes."""
   arch = config.get("architecture")
+  if arch is None:
+    raise WeightsError(f"{spec}: its {CONFIG_FILE} names no timm architecture; jaxcls "
+                       "reads timm's repositories, e.g. hf-hub:timm/resnet50.tv2_in1k.")
   if arch not in LAYOUTS:
     raise WeightsError(f"{spec} holds timm's '{arch}'; jaxcls converts {sorted(LAYOUTS)}.")
   pretrained = config.get("pretrained_cfg") or config  # Older files have one level.

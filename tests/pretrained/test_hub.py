@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from jaxcls.cli import pretrained as pretrained_cli
+from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
 from jaxcls.pretrained import DownloadError, WeightsError, hub, imagenet_class_names
 from weight_servers import COMMIT, HubServer, hub_environment
 
@@ -87,7 +89,7 @@ def test_prepared_cache_is_used_offline(tmp_path, repo_files):
 
 
 def test_offline_without_the_file_is_one_error_naming_the_cache_and_the_alternative(
-    tmp_path):
+    tmp_path, capsys):
   with hub_environment(str(tmp_path / "hf"), offline=True) as cache:
     with pytest.raises(DownloadError) as raised:
       hub.fetch(REPO)
@@ -98,6 +100,15 @@ def test_offline_without_the_file_is_one_error_naming_the_cache_and_the_alternat
       "(HF_HUB_OFFLINE is set). Where there is network the same command fills that cache "
       "(HF_HOME moves it); offline, import a copy of the file: jaxcls-pretrained import "
       "--arch resnet18 --weights model.safetensors --out DIR.")
+
+  # The program says it in one error line, with no traceback, and writes nothing.
+  out = str(tmp_path / "out")
+  with hub_environment(str(tmp_path / "hf"), offline=True):
+    code = pretrained_cli.main(["import", "--weights", "hf-hub:" + REPO, "--out", out])
+  err = capsys.readouterr().err
+  assert code == 2 and [line for line in err.splitlines() if "error" in line.lower()] == [
+      "error: " + message] and "Traceback" not in err
+  assert not os.path.exists(out)
 
 
 def test_altered_download_is_detected_removed_and_named(tmp_path, repo_files):
@@ -157,6 +168,8 @@ def test_download_shorter_than_the_hubs_size_keeps_no_file_under_the_weights_nam
 def test_missing_repository_file_and_architecture_are_named(tmp_path, repo_files):
   vit = {"architecture": "vit_base_patch16_224", "num_classes": 1000}
   files = {**repo_files, "timm/nothing": {"config.json": b"{}"},
+           "bert/base": {"config.json": b'{"model_type": "bert"}',
+                         "model.safetensors": repo_files[REPO]["model.safetensors"]},
            "timm/vit": {"config.json": json.dumps(vit).encode(),
                         "model.safetensors": repo_files[REPO]["model.safetensors"]}}
   with HubServer(files) as server, hub_environment(str(tmp_path / "hf"), server.url):
@@ -167,6 +180,9 @@ def test_missing_repository_file_and_architecture_are_named(tmp_path, repo_files
                        "model.safetensors; jaxcls reads timm's model.safetensors and "
                        "config.json.$"):
       hub.fetch("timm/nothing")
+    with pytest.raises(WeightsError, match="^hf-hub:bert/base: its config.json names no "
+                       "timm architecture; jaxcls reads timm's repositories"):
+      hub.fetch("bert/base")
     with pytest.raises(WeightsError, match=r"^hf-hub:timm/vit holds timm's "
                        r"'vit_base_patch16_224'; jaxcls converts \['convnext_base', "):
       hub.fetch("timm/vit")

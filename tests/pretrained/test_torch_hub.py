@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from jaxcls.cli import pretrained as pretrained_cli
+from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
 from jaxcls.pretrained import DownloadError, WeightsError, imagenet_class_names, torch_hub
 from weight_servers import FileServer
 
@@ -57,7 +59,7 @@ def test_prepared_folder_is_used_offline(torch_home, monkeypatch):
 
 
 def test_unreachable_and_uncached_is_one_error_naming_the_folder_and_the_alternative(
-    torch_home, monkeypatch):
+    torch_home, monkeypatch, capsys):
   monkeypatch.setenv(torch_hub.URL_ENV, "http://127.0.0.1:9/models/")
   with pytest.raises(DownloadError) as raised:
     torch_hub.fetch("resnet18.TEST")
@@ -70,6 +72,13 @@ def test_unreachable_and_uncached_is_one_error_naming_the_folder_and_the_alterna
   assert after == ("). Where there is network the same command fills that cache "
                    "(TORCH_HOME moves it); offline, put the file there, or import it: "
                    f"jaxcls-pretrained import --arch resnet18 --weights {FILE} --out DIR.")
+  out = os.path.join(os.path.dirname(torch_home), "out")
+  code = pretrained_cli.main(["import", "--weights", "torchvision:resnet18.TEST", "--out",
+                              out])
+  err = capsys.readouterr().err
+  assert code == 2 and [line for line in err.splitlines() if "error" in line.lower()] == [
+      f"error: {raised.value}"] and "Traceback" not in err
+  assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("served, cut", [(DATA[:-1] + b"!", ()), (DATA, (FILE,))],
