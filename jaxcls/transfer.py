@@ -1,10 +1,12 @@
-"""Transfer learning: start a run from another workdir's backbone (`init_from = DIR`).
+"""Transfer learning: start a run from another model's backbone (`init_from`).
 
-DIR is any jaxcls workdir: a finished run, or weights converted with
-`jaxcls-pretrained import`. The new run takes the source's backbone
-parameters and batch-norm statistics, and its input normalization (a backbone only
-works on inputs normalized the way it was trained), and puts a fresh head on top for
-its own classes.
+`init_from` is any jaxcls workdir (a finished run, or weights converted with
+`jaxcls-pretrained import`), or published weights converted on the fly:
+`hf-hub:timm/resnet50.tv2_in1k` (timm's safetensors, through the Hugging Face cache) or
+`torchvision:resnet50` (torchvision's release file, through torch hub's cache); see
+`jaxcls.pretrained`. The new run takes the source's backbone parameters and batch-norm
+statistics, and its input normalization (a backbone only works on inputs normalized the
+way it was trained), and puts a fresh head on top for its own classes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from jaxcls import config as config_lib
+from jaxcls import pretrained
 from jaxcls import workdir as workdir_lib
 
 log = logging.getLogger("jaxcls")
@@ -29,22 +32,27 @@ _ADOPTED_KEYS = ("widths", "input_mean", "input_std")
 
 @dataclasses.dataclass
 class Source:
-  """A loaded source workdir: its config, class names and variables (host arrays)."""
-  workdir: str
+  """A loaded source: its config, class names and variables (host arrays)."""
+  workdir: str  # The workdir, or the published weights ("hf-hub:...").
   config: ml_collections.ConfigDict
   class_names: tuple[str, ...]
   variables: dict
 
 
 def load_source(workdir: str) -> Source:
-  """Reads the best (else the latest) checkpoint of `workdir` (ConfigError if none)."""
+  """Published weights (`hf-hub:...`, `torchvision:...`) converted, or the best (else
+  the latest) checkpoint of `workdir` (ConfigError if it has none)."""
+  if pretrained.is_published(workdir):
+    imported = pretrained.load(workdir)
+    return Source(workdir, imported.config, imported.class_names, imported.variables)
   workdir = os.path.expanduser(workdir)
   try:
     run = workdir_lib.load_run(workdir)
   except FileNotFoundError as e:
     raise config_lib.ConfigError(
-        f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir, "
-        "or import weights first: jaxcls-pretrained import --arch resnet50 "
+        f"init_from='{workdir}' cannot be used: {e} Point init_from at a jaxcls workdir "
+        "or at published weights (hf-hub:timm/resnet50.tv2_in1k, torchvision:resnet50), "
+        f"or import a weights file first: jaxcls-pretrained import --arch resnet50 "
         f"--weights FILE --out {workdir}") from None
   return Source(workdir, run.config, run.class_names, jax.device_get(run.variables))
 

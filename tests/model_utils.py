@@ -51,7 +51,7 @@ def make_state(config, num_classes: int, image_size: int, seed: int = 0) -> Trai
   variables = numpy_variables(model, image_size, seed)
   tx = optim.create_optimizer(config.optim, steps_per_epoch=10, num_epochs=1)
   return TrainState.create(apply_fn=apply_model(model), params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"])
+                           batch_stats=variables.get("batch_stats", {}))
 
 
 def make_batch(num_devices: int, per_device: int, image_size: int, num_classes: int,

@@ -1,7 +1,8 @@
-"""Importing torchvision-layout ResNet weights: the converted model's logits match PyTorch's.
+"""Importing local ResNet weights files: the converted model's logits match PyTorch's.
 
-The reference ResNet is written here in PyTorch with torchvision's module names, so the
-test needs torch (CPU build) but not torchvision; without torch those tests skip.
+The reference ResNet (torch_models.py) is written in PyTorch with torchvision's module
+names, so the test needs torch (CPU build) but not torchvision; without torch those
+tests skip. Published sources (hf-hub:, torchvision:) are tested in tests/pretrained/.
 """
 
 import json
@@ -14,100 +15,10 @@ import pytest
 from jaxcls import pretrained
 from jaxcls.cli import pretrained as pretrained_cli
 from jaxcls.serve import Predictor
+from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
+from torch_models import torch_logits, torch_resnet
 
 pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.
-
-
-def torch_resnet(arch: str, num_classes: int, seed: int = 0):
-  """A torchvision-layout ResNet in eval mode, with non-trivial batch-norm statistics."""
-  torch = pytest.importorskip("torch")
-  nn = torch.nn
-
-  class Basic(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.downsample = None
-      if stride != 1 or inplanes != planes:
-        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                        nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-      y = torch.relu(self.bn1(self.conv1(x)))
-      y = self.bn2(self.conv2(y))
-      return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-  class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = nn.BatchNorm2d(planes * 4)
-      self.downsample = None
-      if stride != 1 or inplanes != planes * 4:
-        self.downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
-
-    def forward(self, x):
-      y = torch.relu(self.bn1(self.conv1(x)))
-      y = torch.relu(self.bn2(self.conv2(y)))
-      y = self.bn3(self.conv3(y))
-      return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-  class ResNet(nn.Module):
-    def __init__(self, block, layers):
-      super().__init__()
-      self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-      inplanes = 64
-      for stage, blocks in enumerate(layers):
-        planes = 64 * 2 ** stage
-        modules = []
-        for i in range(blocks):
-          modules.append(block(inplanes, planes, 2 if stage > 0 and i == 0 else 1))
-          inplanes = planes * block.expansion
-        setattr(self, f"layer{stage + 1}", nn.Sequential(*modules))
-      self.fc = nn.Linear(inplanes, num_classes)
-
-    def forward(self, x):
-      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-      for stage in range(1, 5):
-        x = getattr(self, f"layer{stage}")(x)
-      return self.fc(torch.flatten(x.mean((2, 3)), 1))
-
-  torch.manual_seed(seed)
-  block, layers = {"resnet18": (Basic, (2, 2, 2, 2)),
-                   "resnet50": (Bottleneck, (3, 4, 6, 3))}[arch]
-  model = ResNet(block, layers)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, nn.BatchNorm2d):  # As after training: not 0/1.
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.1)
-        module.running_mean.normal_(0.0, 0.1)
-        module.running_var.uniform_(0.5, 1.5)
-    model.fc.weight.mul_(10.0)  # Logits of order 1 rather than 0.1.
-  return model.eval()
-
-
-def torch_logits(model, images: np.ndarray) -> np.ndarray:
-  import torch
-  mean = np.asarray(pretrained.IMAGENET_MEAN, np.float32)
-  std = np.asarray(pretrained.IMAGENET_STD, np.float32)
-  x = torch.from_numpy(((images.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2))
-  with torch.no_grad():
-    return model(x).numpy()
 
 
 def jax_logits(workdir: str, images: np.ndarray) -> np.ndarray:
@@ -199,3 +110,18 @@ def test_cli_reports_a_missing_file(tmp_path, capsys):
   code = pretrained_cli.main(["import", "--arch", "resnet18", "--weights",
                           str(tmp_path / "nope.pth"), "--out", str(tmp_path / "out")])
   assert code == 2 and "No weights file" in capsys.readouterr().err
+
+
+def test_a_local_file_needs_arch_and_published_weights_refuse_a_wrong_one(tmp_path, capsys):
+  path = str(tmp_path / "w.safetensors")
+  write_safetensors(path, {"fc.weight": np.zeros((2, 512), np.float32)})
+  code = pretrained_cli.main(["import", "--weights", path, "--out", str(tmp_path / "o")])
+  assert code == 2
+  assert capsys.readouterr().err == (
+      f"error: '{path}' is a local file: say which architecture it holds with --arch (one "
+      "of ['convnext_base', 'convnext_large', 'convnext_small', 'convnext_tiny', "
+      "'resnet18', 'resnet34', 'resnet50']).\n")
+  code = pretrained_cli.main(["import", "--weights", "torchvision:resnet101", "--out",
+                              str(tmp_path / "o")])
+  assert code == 2 and capsys.readouterr().err.startswith(
+      "error: 'torchvision:resnet101' is not a torchvision release jaxcls converts")

@@ -157,7 +157,7 @@ def run(main: Callable[[], int | None]) -> int:
 def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax", "orbax"):
+  for noisy in ("absl", "jax", "orbax", "httpx2"):  # httpx2: huggingface_hub's requests.
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Libraries that read absl flags (grain's multiprocessing) find them parsed.
   from absl import flags

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jaxcls.errors import JaxclsError
 from jaxcls.models.classifier import Classifier
 from jaxcls.models.cnn import CNN
+from jaxcls.models.convnext import ARCHS as CONVNEXT_ARCHS
+from jaxcls.models.convnext import convnext
 from jaxcls.models.resnet import ARCHS as RESNET_ARCHS
 from jaxcls.models.resnet import resnet
 
@@ -53,6 +55,17 @@ def _register_resnet(arch: str):
 
 for _arch in RESNET_ARCHS:
   _register_resnet(_arch)
+
+
+def _register_convnext(arch: str):
+  @register(arch)
+  def build(model_config, dtype, axis_name):
+    del model_config, axis_name  # The size is in the name; there is no batch norm.
+    return convnext(arch, dtype=dtype)
+
+
+for _arch in CONVNEXT_ARCHS:
+  _register_convnext(_arch)
 
 
 class UnknownModelError(JaxclsError, ValueError):
