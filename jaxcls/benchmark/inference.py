@@ -129,6 +129,8 @@ def _measure(argv) -> int:
     paths = predict_benchmark.write_images(os.path.join(scratch, "images"), args.batch)
     batch, decode_rate = _decode_rate(paths, predictor.image_size)
   runs = engines(predictor)
+  load_before = os.getloadavg()[0]
+  figures = measure(runs, batch, args.repeats)
   backbone = predictor.model.backbone
   print(json.dumps({
       "model": f"{type(backbone).__name__} {tuple(getattr(backbone, 'widths', ()))}",
@@ -136,7 +138,10 @@ def _measure(argv) -> int:
       "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
       "jax_version": jax.__version__, "onnxruntime_version": onnxruntime.__version__,
       "decode_images_per_s": decode_rate,
-      "engines": measure(runs, batch, args.repeats),
+      # Before and after timing, this run included: on a 2-core machine above 2, other
+      # processes share the cores and every wall-clock figure is slower.
+      "load_average_1min": [load_before, os.getloadavg()[0]],
+      "engines": figures,
       "max_abs_difference_from_predictor": differences(runs, batch),
   }, indent=2))
   return 0

@@ -28,13 +28,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jaxcls.errors import JaxclsError
 
-# Opset 21 (ONNX 1.16, IR version 10) is the newest that ONNX Runtime has run for over a
-# year; everything used here exists in it.
+# Opset 21 (ONNX 1.16, IR version 10), older than the newest (28), so that runtimes
+# older than the one tested (ONNX Runtime 1.31.1) can load the file too; everything
+# used here exists in it.
 OPSET = 21
 IR_VERSION = 10
 
 
-class UnsupportedPrimitiveError(JaxclsError, ValueError):
+class OnnxExportError(JaxclsError, ValueError):
+  """The model cannot be written as a valid ONNX graph; the message says why."""
+
+
+class UnsupportedPrimitiveError(OnnxExportError):
   """The model's trace holds an operation this converter cannot write in ONNX."""
 
 
@@ -163,7 +168,10 @@ def convert(fn: Callable, constants, example: jax.ShapeDtypeStruct, *, input_nam
       outputs, initializer=[t for t in g.initializers if t.name in used])
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                             ir_version=IR_VERSION, producer_name="jaxcls")
-  onnx.checker.check_model(model, full_check=True)
+  try:
+    onnx.checker.check_model(model, full_check=True)
+  except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    raise OnnxExportError(f"the ONNX graph is not valid: {str(e).strip()}") from None
   return model
 
 
@@ -222,10 +230,10 @@ def _max(g, eqn, ins):
   return [g.add("Max", ins)]
 
 
-@rule("and", "or", "not")
+@rule("and", "or", "xor", "not")
 def _logical(g, eqn, ins):
-  # On integers JAX's and/or/not are bitwise.
-  op = {"and": "And", "or": "Or", "not": "Not"}[eqn.primitive.name]
+  # On integers JAX's and/or/xor/not are bitwise.
+  op = {"and": "And", "or": "Or", "xor": "Xor", "not": "Not"}[eqn.primitive.name]
   if eqn.invars[0].aval.dtype != np.bool_:
     op = "Bitwise" + op
   return [g.add(op, ins)]
@@ -239,6 +247,12 @@ def _sub(g, eqn, ins):
   if np.issubdtype(eqn.invars[1].aval.dtype, np.floating):
     return [g.add("Add", [ins[0], g.add("Neg", ins[1:])])]
   return [g.add("Sub", ins)]
+
+
+@rule("rem")
+def _rem(g, eqn, ins):
+  # lax.rem takes the dividend's sign, as C's fmod: ONNX's Mod with fmod=1.
+  return [g.add("Mod", ins, fmod=1)]
 
 
 @rule("ne")
@@ -351,6 +365,13 @@ def _transpose(g, eqn, ins):
 @rule("concatenate")
 def _concatenate(g, eqn, ins):
   return [g.add("Concat", ins, axis=eqn.params["dimension"])]
+
+
+@rule("stack")
+def _stack(g, eqn, ins):
+  axis = g.ints([eqn.params["axis"]])
+  return [g.add("Concat", [g.add("Unsqueeze", [x, axis]) for x in ins],
+                axis=eqn.params["axis"])]
 
 
 @rule("split")

@@ -47,6 +47,11 @@ def export_predictor(predictor: predict_lib.Predictor, *,
                      tta: bool = False) -> onnx.ModelProto:
   """The predictor's model as ONNX: uint8 [N, S, S, 3] → (probabilities, labels)."""
   model = predictor.model
+  if jnp.dtype(model.dtype) != jnp.float32:
+    raise jaxpr_to_onnx.OnnxExportError(
+        f"the model computes in {jnp.dtype(model.dtype).name}, and ONNX's Conv has no "
+        "bfloat16 version; export it with --format jax, or export a model trained with "
+        "model.dtype=float32.")
 
   def probabilities_and_labels(variables, images):
     # The plain model: no process-local kernel (jaxcls.cpu) may end up in the file.
@@ -111,8 +116,13 @@ def load(path: str) -> tuple[onnx.ModelProto, dict]:
 
 def session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
   """An ONNX Runtime session on the CPU, with its default (full) graph optimizations."""
-  return onnxruntime.InferenceSession(model.SerializeToString(),
-                                      providers=["CPUExecutionProvider"])
+  state = onnxruntime.capi.onnxruntime_pybind11_state
+  try:
+    return onnxruntime.InferenceSession(model.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+  except (state.Fail, state.InvalidGraph, state.NotImplemented) as e:
+    raise jaxpr_to_onnx.OnnxExportError(
+        f"ONNX Runtime {onnxruntime.__version__} cannot run the model: {e}") from None
 
 
 def run(sess: onnxruntime.InferenceSession,

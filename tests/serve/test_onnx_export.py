@@ -320,3 +320,25 @@ def test_an_unsupported_operation_is_named(tmp_path, monkeypatch, capsys):
   assert err.startswith("error: the model uses the JAX operation 'cumsum', which the "
                         "ONNX export cannot write yet; supported: ")
   assert err.count("\n") == 1 and not os.path.exists(out)
+
+
+def test_a_bfloat16_model_is_refused_with_the_way_out(tmp_path, capsys):
+  _random_predictor(tmp_path, "cnn", 8, **{"model.dtype": "bfloat16"})
+  assert export_cli.main(["--workdir", str(tmp_path / "cnn"), "--format", "onnx",
+                          "--out", str(tmp_path / "m.onnx")]) == 2
+  assert capsys.readouterr().err == (
+      "error: the model computes in bfloat16, and ONNX's Conv has no bfloat16 version; "
+      "export it with --format jax, or export a model trained with model.dtype=float32.\n")
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_an_error_not_a_crash():
+  double = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [2])
+  graph = onnx.helper.make_graph([onnx.helper.make_node("Erf", ["x"], ["y"])], "g", [double],
+                                 [onnx.helper.make_tensor_value_info(
+                                     "y", onnx.TensorProto.DOUBLE, [2])])
+  model = onnx.helper.make_model(graph, ir_version=jaxpr_to_onnx.IR_VERSION,
+                                 opset_imports=[onnx.helper.make_opsetid("", 21)])
+  # Valid ONNX, but ONNX Runtime's CPU Erf takes float32 only.
+  with pytest.raises(jaxpr_to_onnx.OnnxExportError,
+                     match=r"cannot run the model: .*NOT_IMPLEMENTED.*Erf"):
+    onnx_export.session(model)
