@@ -548,7 +548,7 @@ def _gather(g, eqn, ins):
   operand, indices = (v.aval for v in eqn.invars)
   sizes = p["slice_sizes"]
   if (len(numbers.start_index_map) != 1 or numbers.operand_batching_dims
-      or indices.shape[-1:] != (1,) or "PROMISE_IN_BOUNDS" not in str(p["mode"])):
+      or indices.shape[-1:] != (1,) or p["mode"] != jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS):
     raise UnsupportedPrimitiveError(f"gather {numbers} has no ONNX rule yet; only "
                                     "indexing along one axis has.")
   axis, = numbers.start_index_map
