@@ -150,9 +150,9 @@ def convert(fn: Callable, constants, example: jax.ShapeDtypeStruct, *, input_nam
   included (jax.export.symbolic_shape); `dim_names` renames those in the ONNX signature
   ({"batch": "N"}).
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(constants)
-  closed = jax.make_jaxpr(fn)(jax.tree_util.tree_unflatten(
-      treedef, [leaf for _, leaf in leaves]), example)
+  closed = jax.make_jaxpr(fn)(constants, example)
+  # The jaxpr's inputs are the constants' leaves in tree_flatten order, then x.
+  leaves, _ = jax.tree_util.tree_flatten_with_path(constants)
   g = _Graph()
   names = [g.constant(np.asarray(leaf), name=_path_name(path)) for path, leaf in leaves]
   outs = convert_jaxpr(g, closed.jaxpr, closed.consts, names + [input_name])
@@ -443,7 +443,7 @@ def _dot_general(g, eqn, ins):
   letters = iter("abcdefghijklmnopqrstuvwxyz")
   lhs_idx = [next(letters) for _ in range(lhs.ndim)]
   rhs_idx = [next(letters) for _ in range(rhs.ndim)]
-  for l, r in zip(list(lhs_contract) + list(lhs_batch), list(rhs_contract) + list(rhs_batch)):
+  for l, r in zip((*lhs_contract, *lhs_batch), (*rhs_contract, *rhs_batch)):
     rhs_idx[r] = lhs_idx[l]
   free_l = [lhs_idx[i] for i in range(lhs.ndim) if i not in (*lhs_contract, *lhs_batch)]
   free_r = [rhs_idx[i] for i in range(rhs.ndim) if i not in (*rhs_contract, *rhs_batch)]
@@ -502,7 +502,8 @@ def _pool(g, eqn, ins, op: str, **attrs) -> str:
   y = g.add(op, [x], kernel_shape=[p["window_dimensions"][i] for i in pooled],
             strides=[p["window_strides"][i] for i in pooled],
             dilations=[p["window_dilation"][i] for i in pooled],
-            pads=[p["padding"][i][0] for i in pooled] + [p["padding"][i][1] for i in pooled],
+            pads=[p["padding"][i][0] for i in pooled]
+            + [p["padding"][i][1] for i in pooled],
             **attrs)
   return g.add("Transpose", [y], perm=_inverse(perm))
 
@@ -548,14 +549,16 @@ def _gather(g, eqn, ins):
   operand, indices = (v.aval for v in eqn.invars)
   sizes = p["slice_sizes"]
   if (len(numbers.start_index_map) != 1 or numbers.operand_batching_dims
-      or indices.shape[-1:] != (1,) or p["mode"] != jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS):
+      or indices.shape[-1:] != (1,)
+      or p["mode"] != jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS):
     raise UnsupportedPrimitiveError(f"gather {numbers} has no ONNX rule yet; only "
                                     "indexing along one axis has.")
   axis, = numbers.start_index_map
   whole = all(_same_dim(s, d) for i, (s, d) in enumerate(zip(sizes, operand.shape))
               if i != axis)
   index_dims = len(indices.shape) - 1
-  taken = [d for d in range(len(eqn.outvars[0].aval.shape)) if d not in numbers.offset_dims]
+  taken = [d for d in range(len(eqn.outvars[0].aval.shape))
+           if d not in numbers.offset_dims]
   if whole and tuple(numbers.collapsed_slice_dims) == (axis,) and sizes[axis] == 1 and (
       taken == list(range(axis, axis + index_dims))):
     index = g.add("Reshape", [ins[1], g.ints(indices.shape[:-1])])

@@ -85,7 +85,8 @@ def metadata(predictor: predict_lib.Predictor, *, workdir: str, tta: bool) -> di
 
 def attach_metadata(model: onnx.ModelProto, meta: dict) -> None:
   """Stores `meta` in the model's metadata_props, each value as JSON text."""
-  onnx.helper.set_model_props(model, {key: json.dumps(value) for key, value in meta.items()})
+  onnx.helper.set_model_props(model, {key: json.dumps(value)
+                                      for key, value in meta.items()})
 
 
 def read_metadata(model: onnx.ModelProto) -> dict:

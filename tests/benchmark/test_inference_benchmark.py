@@ -1,4 +1,4 @@
-"""The inference benchmark: its figures are the timings it took, and it runs end to end."""
+"""The inference benchmark: its figures are the timings it took; it runs end to end."""
 
 import json
 

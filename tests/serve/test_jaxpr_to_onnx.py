@@ -41,14 +41,16 @@ FUNCTIONS = {
                            + jnp.sin(x) + jnp.cos(x) + jax.scipy.special.erfc(x)
                            + jnp.tanh(x) + jax.nn.sigmoid(x) + jax.lax.rsqrt(x * x + 1)),
     "integers": lambda w, x: ((x * 10).astype(jnp.int32) * 3 // 2) % 4 ^ 5,
-    "broadcast_batch": lambda w, x: jnp.zeros_like(x) + jnp.ones(x.shape[0])[:, None, None],
+    "broadcast_batch": lambda w, x: (jnp.zeros_like(x)
+                                     + jnp.ones(x.shape[0])[:, None, None]),
     "reshape_batch": lambda w, x: jnp.concatenate([x, x]).reshape((2, -1, 24)).sum(0),
     "iota": lambda w, x: x + jnp.arange(6, dtype=jnp.float32),
     "relu": lambda w, x: jax.nn.relu(x) + jnp.maximum(0.0, -x),
     "softmax": lambda w, x: jax.nn.softmax(x * 4, axis=-1),
     "pools": lambda w, x: (nn.avg_pool(x[..., None], (2, 3), strides=(2, 2),
                                        padding="SAME")[..., 0]
-                           + nn.max_pool(x[..., None], (3, 2), (2, 2), padding="SAME")[..., 0]),
+                           + nn.max_pool(x[..., None], (3, 2), (2, 2),
+                                         padding="SAME")[..., 0]),
     "dilated_conv": lambda w, x: nn.Conv(4, (3, 3), kernel_dilation=2, padding="SAME",
                                          use_bias=False).apply(
         {"params": {"kernel": w["kernel"]}}, jnp.stack([x, -x], -1)),

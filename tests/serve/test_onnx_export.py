@@ -69,7 +69,8 @@ def test_cli_writes_the_signature_and_metadata(onnx_file, predictor, capsys):
   model = onnx.load_model(onnx_file)
   (image,), (probs, labels) = model.graph.input, model.graph.output
   shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-  assert (image.name, image.type.tensor_type.elem_type) == ("images", onnx.TensorProto.UINT8)
+  assert (image.name, image.type.tensor_type.elem_type) == (
+      "images", onnx.TensorProto.UINT8)
   assert shape(image) == ["N", 16, 16, 3]
   assert (probs.name, probs.type.tensor_type.elem_type) == (
       "probabilities", onnx.TensorProto.FLOAT)
@@ -326,12 +327,14 @@ def test_a_bfloat16_model_is_refused_with_the_way_out(tmp_path, capsys):
                           "--out", str(tmp_path / "m.onnx")]) == 2
   assert capsys.readouterr().err == (
       "error: the model computes in bfloat16, and ONNX's Conv has no bfloat16 version; "
-      "export it with --format jax, or export a model trained with model.dtype=float32.\n")
+      "export it with --format jax, or export a model trained with "
+      "model.dtype=float32.\n")
 
 
 def test_a_graph_onnx_runtime_cannot_run_is_an_error_not_a_crash():
   double = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [2])
-  graph = onnx.helper.make_graph([onnx.helper.make_node("Erf", ["x"], ["y"])], "g", [double],
+  erf = onnx.helper.make_node("Erf", ["x"], ["y"])
+  graph = onnx.helper.make_graph([erf], "g", [double],
                                  [onnx.helper.make_tensor_value_info(
                                      "y", onnx.TensorProto.DOUBLE, [2])])
   model = onnx.helper.make_model(graph, ir_version=jaxpr_to_onnx.IR_VERSION,
