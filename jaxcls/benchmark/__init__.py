@@ -7,6 +7,7 @@
 | `step` | step.py | the train step: compile time, FLOPs, images/sec, % of matmul peak |
 | `loader` | loader.py | decoding, the step, and the step fed by the real loader |
 | `predict` | predict.py | predict's cold start, warm latency and throughput |
+| `inference` | inference.py | Predictor, jax.export file and ONNX Runtime side by side |
 | `compare-cpu` | compare_cpu.py | jaxcls against PyTorch eager on this CPU, same run |
 | `torch-resnet18` | torch_resnet18.py | PyTorch's side of that comparison |
 | `conv-kernels` | conv_kernels.py | ResNet-18's convolutions alone: XLA, oneDNN, PyTorch |
@@ -22,6 +23,7 @@ COMMANDS = {
     "step": "jaxcls.benchmark.step",
     "loader": "jaxcls.benchmark.loader",
     "predict": "jaxcls.benchmark.predict",
+    "inference": "jaxcls.benchmark.inference",
     "compare-cpu": "jaxcls.benchmark.compare_cpu",
     "torch-resnet18": "jaxcls.benchmark.torch_resnet18",
     "conv-kernels": "jaxcls.benchmark.conv_kernels",

@@ -73,7 +73,7 @@ def write_random_workdir(workdir: str, config, class_names: Sequence[str],
   mngr.close()
 
 
-def _write_images(folder: str, count: int, size=(500, 375)) -> list[str]:
+def write_images(folder: str, count: int, size=(500, 375)) -> list[str]:
   rng = np.random.default_rng(0)
   paths = []
   for i in range(count):
@@ -161,7 +161,7 @@ def warm_numbers(workdir: str, images: list[str], batch: int, repeats: int) -> d
           "decode_threads": os.cpu_count()}
 
 
-def _model_config(image_size: int, widths: tuple[int, ...]):
+def model_config(image_size: int, widths: tuple[int, ...]):
   from jaxcls.config import base_config
   config = base_config()
   config.data.source = "generated:shapes"
@@ -215,9 +215,9 @@ def _measure(argv) -> int:
     if workdir is None:
       workdir = os.path.join(scratch, "workdir")
       widths = tuple(int(w) for w in args.widths.split(","))
-      write_random_workdir(workdir, _model_config(args.image_size, widths), ("cat", "dog"))
+      write_random_workdir(workdir, model_config(args.image_size, widths), ("cat", "dog"))
     os.makedirs(os.path.join(scratch, "images"))
-    images = _write_images(os.path.join(scratch, "images"), args.batch)
+    images = write_images(os.path.join(scratch, "images"), args.batch)
     cold = (cold_start(workdir, images[0], args.repeats, scratch) if not args.skip_cold
             else None)
     warm = warm_numbers(workdir, images, args.batch, args.repeats)

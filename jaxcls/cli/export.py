@@ -2,9 +2,11 @@
 
     jaxcls-export --workdir DIR --out model.jaxexport [--step N] [--tta]
         [--platforms cpu,cuda]
+    jaxcls-export --workdir DIR --format onnx --out model.onnx [--step N] [--tta]
 
-The file and its metadata are described in `jaxcls/serve/export.py`; after writing, the
-file is loaded back and compared with the Predictor on random images.
+The files are described in `jaxcls/serve/export.py` (jax.export, the default) and
+`jaxcls/serve/onnx_export.py` (ONNX); after writing, the file is loaded back and compared
+with the Predictor on random images (the ONNX file in ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -17,33 +19,45 @@ from jaxcls.cli import common
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+FORMATS = ("jax", "onnx")
 
 
 def build_parser() -> common.Parser:
   parser = common.Parser(
       prog="jaxcls-export",
-      description="Write a trained model as a jax.export file that runs without jaxcls.")
+      description="Write a trained model as a jax.export or ONNX file that runs without "
+                  "jaxcls.")
   parser.add_argument("--workdir", required=True, help="The training run's workdir.")
-  parser.add_argument("--out", required=True, help="Output file, e.g. model.jaxexport.")
+  parser.add_argument("--out", required=True,
+                      help="Output file, e.g. model.jaxexport or model.onnx.")
+  parser.add_argument("--format", choices=FORMATS, default="jax",
+                      help="jax: a jax.export file and its .json (default); onnx: one "
+                           "ONNX file with its metadata inside (needs jaxcls[onnx]).")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step to export.")
   parser.add_argument("--tta", action="store_true",
                       help="Bake in test-time augmentation (average with the mirror).")
-  parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                      help="Comma-separated platforms the file runs on: "
-                           f"{', '.join(PLATFORMS)} (default {','.join(DEFAULT_PLATFORMS)}).")
+  parser.add_argument("--platforms", default=None,
+                      help="--format jax only: comma-separated platforms the file runs "
+                           f"on: {', '.join(PLATFORMS)} (default "
+                           f"{','.join(DEFAULT_PLATFORMS)}).")
   return parser
 
 
-def _export(argv) -> int:
-  args, _ = common.parse(build_parser(), argv)
-  platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+def _platforms(text: str | None) -> tuple[str, ...]:
+  if text is None:
+    return DEFAULT_PLATFORMS
+  platforms = tuple(p.strip() for p in text.split(",") if p.strip())
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
-    raise common.UsageError(f"--platforms '{args.platforms}': unknown "
+    raise common.UsageError(f"--platforms '{text}': unknown "
                             f"{unknown or 'empty list'}; choose from {', '.join(PLATFORMS)}.")
+  return platforms
+
+
+def _write_jax_export(args, predictor) -> None:
   import jax
-  from jaxcls.serve import Predictor, export
-  predictor = Predictor.from_workdir(args.workdir, step=args.step)
+  from jaxcls.serve import export
+  platforms = _platforms(args.platforms)
   exported = export.export_predictor(predictor, tta=args.tta, platforms=platforms)
   meta = export.metadata(predictor, exported, workdir=args.workdir, tta=args.tta)
   try:
@@ -61,6 +75,40 @@ def _export(argv) -> int:
   else:
     print(f"Checked: largest difference from the Predictor's probabilities on random "
           f"images is {difference:.2g}.")
+
+
+def _write_onnx(args, predictor) -> None:
+  try:
+    from jaxcls.serve import onnx_export
+  except ImportError as e:
+    raise common.UsageError(f"--format onnx needs the onnx and onnxruntime packages "
+                            f"({e}); pip install 'jaxcls[onnx]'.") from None
+  model = onnx_export.export_predictor(predictor, tta=args.tta)
+  onnx_export.attach_metadata(model, onnx_export.metadata(
+      predictor, workdir=args.workdir, tta=args.tta))
+  try:
+    path = onnx_export.write(model, args.out)
+  except OSError as e:
+    raise common.UsageError(f"cannot write '{args.out}' ({e.strerror or e}).") from None
+  difference = onnx_export.check(predictor, model, tta=args.tta)
+  print(f"Wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, ONNX opset "
+        f"{onnx_export.jaxpr_to_onnx.OPSET}, step {predictor.step}).")
+  print("Checked in ONNX Runtime: largest difference from the Predictor's probabilities "
+        f"on random images is {difference:.2g}; labels equal.")
+
+
+def _export(argv) -> int:
+  args, _ = common.parse(build_parser(), argv)
+  if args.format == "onnx" and args.platforms is not None:
+    raise common.UsageError("--platforms applies to --format jax only; an ONNX file runs "
+                            "wherever ONNX Runtime does.")
+  _platforms(args.platforms)  # Bad flags fail before the checkpoint loads.
+  from jaxcls.serve import Predictor
+  predictor = Predictor.from_workdir(args.workdir, step=args.step)
+  if args.format == "onnx":
+    _write_onnx(args, predictor)
+  else:
+    _write_jax_export(args, predictor)
   return 0
 
 

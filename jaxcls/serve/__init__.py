@@ -1,5 +1,6 @@
 """Putting a trained model to work: `predict` (jitted softmax + argmax), the `Predictor`,
-and `export` (a `jax.export` file that needs only JAX)."""
+`export` (a `jax.export` file that needs only JAX) and `onnx_export` (an ONNX file for
+ONNX Runtime; imported on its own, as it needs the onnx extra)."""
 
 from jaxcls.serve.predictor import DEFAULT_TOP_K, Prediction, Predictor, predict, probabilities
 

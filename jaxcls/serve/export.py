@@ -63,25 +63,34 @@ def export_predictor(predictor: predict_lib.Predictor, *, tta: bool = False,
   return jax.export.export(jax.jit(probabilities), platforms=platforms)(spec)
 
 
-def metadata(predictor: predict_lib.Predictor, exported: jax.export.Exported, *,
-             workdir: str, tta: bool) -> dict:
-  """What a program needs besides the model: classes, input size, preprocessing."""
+def model_description(predictor: predict_lib.Predictor, *, workdir: str,
+                      tta: bool) -> dict:
+  """What a reader of any exported file needs: classes, input, preprocessing, source.
+  Shared by this format's JSON file and the ONNX file's metadata (onnx_export.py)."""
   model = predictor.model
   return {
-      "format": FORMAT,
-      "format_version": FORMAT_VERSION,
       "class_names": list(predictor.class_names),
       "image_size": predictor.image_size,
       "input": {"dtype": "uint8", "shape": ["N", predictor.image_size,
                                             predictor.image_size, 3],
                 "channels": "RGB", "range": [0, 255]},
-      "output": {"dtype": "float32", "shape": ["N", len(predictor.class_names)],
-                 "meaning": "softmax probabilities, in class_names order"},
       "preprocessing": {**PREPROCESSING, "input_mean": list(model.mean),
                         "input_std": list(model.std)},
       "tta": tta,
-      "platforms": list(exported.platforms),
       "source": {"workdir": os.path.abspath(workdir), "step": predictor.step},
+  }
+
+
+def metadata(predictor: predict_lib.Predictor, exported: jax.export.Exported, *,
+             workdir: str, tta: bool) -> dict:
+  """What a program needs besides the model: classes, input size, preprocessing."""
+  return {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      **model_description(predictor, workdir=workdir, tta=tta),
+      "output": {"dtype": "float32", "shape": ["N", len(predictor.class_names)],
+                 "meaning": "softmax probabilities, in class_names order"},
+      "platforms": list(exported.platforms),
       "jax_version": jax.__version__,
   }
 

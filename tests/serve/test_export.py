@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,32 +13,9 @@ from jaxcls.serve import export as export_lib
 from jaxcls.serve import predictor as predict_lib
 
 from conftest import ROOT as REPO  # noqa: E402
+from blocked_imports import JAXCLS_AND_FRIENDS, run_blocked
 from numerics import TINY_CNN_FORWARD, assert_normwise_close
 PROGRAM = os.path.join(REPO, "examples", "predict_exported.py")
-
-# Runs a program with jaxcls, flax, optax (and their heavy friends) made unimportable.
-BLOCKER = r"""
-import importlib.abc, json, runpy, sys
-BLOCKED = ("jaxcls", "flax", "optax", "orbax", "grain", "tensorflow")
-
-class Blocker(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in BLOCKED:
-      raise ImportError(f"{name} is blocked")
-    return None
-
-sys.meta_path.insert(0, Blocker())
-for name in BLOCKED:
-  try:
-    __import__(name)
-  except ImportError:
-    continue
-  raise SystemExit(f"the blocker let {name} through")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-print("BLOCKED MODULES LOADED:", json.dumps(loaded))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +83,9 @@ def test_program_without_jaxcls_flax_or_optax_matches_predictor(
     path = str(tmp_path / name)
     img.save(path, **({"exif": exif} if name == "rotated.jpg" else {}))
     paths.append(path)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  done = subprocess.run([sys.executable, "-c", BLOCKER, PROGRAM, exported_file, *paths],
-                        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-  assert done.returncode == 0, done.stderr
-  *lines, last = done.stdout.strip().splitlines()
-  assert last == "BLOCKED MODULES LOADED: []"
-  rows = [json.loads(line) for line in lines]
+  code, rows, stderr = run_blocked(PROGRAM, [exported_file, *paths], JAXCLS_AND_FRIENDS,
+                                   tmp_path)
+  assert code == 0, stderr
   expected = predictor.predict_files(paths)
   assert [r["path"] for r in rows] == paths
   for row, want in zip(rows, expected):
