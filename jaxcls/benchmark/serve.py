@@ -2,7 +2,7 @@
 
     python -m jaxcls.benchmark serve [--workdir DIR] [--image-size 128]
         [--widths 32,64,128,256] [--concurrency 1,8,32] [--requests 320] [--images 64]
-        [--max-batch 32 | --batch-sizes 1,2,4,8,16,32] [--max-wait-ms 5]
+        [--max-batch 32 | --batch-sizes 1,8,32] [--max-wait-ms 5]
 
 Starts `jaxcls-serve` (`python -m jaxcls.cli.serve --port 0`) on 127.0.0.1 in a process
 of its own, then for each concurrency C runs C client threads, each with one keep-alive
@@ -13,6 +13,8 @@ are answered. Prints one JSON object:
   the checkpoint, compiling every padded batch size);
 - per concurrency: `requests_per_s`, latency `p50_ms` and `p99_ms` (request sent to
   answer read), `images_per_model_call` (the batching the server achieved),
+  `padded_rows_used` (images over the rows of the padded calls) and `model_calls` (per
+  padded size),
   `server_cpu_ms_per_request` (the server process's CPU time, every thread, Linux
   only), `over_predictor` (requests/s over the Predictor's images/s) and
   `cpu_over_predictor` (CPU time per request over the Predictor's per image);
@@ -115,10 +117,11 @@ def process_cpu_s(pid: int) -> float | None:
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _model_calls(url: str) -> tuple[int, int]:
+def _model_calls(url: str) -> tuple[int, dict[str, int]]:
+  """(images answered, model calls per padded size) so far."""
   import httpx
   info = httpx.get(url + "/info").json()
-  return info["images"], sum(info["model_calls"].values())
+  return info["images"], info["model_calls"]
 
 
 def load(url: str, pid: int, images: list[bytes], concurrency: int,
@@ -137,14 +140,17 @@ def load(url: str, pid: int, images: list[bytes], concurrency: int,
   seconds = time.perf_counter() - start
   cpu = None if cpu_before is None else process_cpu_s(pid) - cpu_before
   images_after, calls_after = _model_calls(url)
+  calls = {size: calls_after[size] - calls_before[size] for size in calls_after}
+  answered = images_after - images_before
   latencies = np.concatenate(runs) * 1000
   return {"concurrency": concurrency, "requests": len(latencies),
           "server_cpu_ms_per_request": None if cpu is None else 1000 * cpu / len(latencies),
           "requests_per_s": len(latencies) / seconds,
           "p50_ms": float(np.percentile(latencies, 50)),
           "p99_ms": float(np.percentile(latencies, 99)),
-          "images_per_model_call": (images_after - images_before)
-                                   / max(1, calls_after - calls_before)}
+          "images_per_model_call": answered / max(1, sum(calls.values())),
+          "padded_rows_used": answered / max(1, sum(int(k) * v for k, v in calls.items())),
+          "model_calls": {k: v for k, v in calls.items() if v}}
 
 
 def predictor_rate(workdir: str, images: list[bytes], batch: int,
@@ -177,7 +183,7 @@ def build_parser() -> common.Parser:
   parser.add_argument("--images", type=common.positive_int, default=64,
                       help="Distinct 500x375 JPEGs the requests cycle through.")
   parser.add_argument("--max-batch", type=common.positive_int, default=32,
-                      help="The server's --max-batch (padded sizes 1, 8, 32, ...) and the "
+                      help="The server's --max-batch (padded sizes 1, 2, 4, ...) and the "
                            "Predictor's batch size.")
   parser.add_argument("--batch-sizes", default=None, metavar="N,N,...",
                       help="The server's padded sizes instead (the largest is also the "

@@ -1,7 +1,7 @@
 """Serve a trained model's predictions over HTTP.
 
     jaxcls-serve --workdir DIR [--host 127.0.0.1] [--port 8000] [--max-batch 32 |
-        --batch-sizes 1,8,32] [--max-wait-ms 5] [--max-body-mb 20] [--step N] [--tta]
+        --batch-sizes 1,2,4,8,16,32] [--max-wait-ms 5] [--max-body-mb 20] [--step N] [--tta]
         [--workers N]
 
     curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/predict
@@ -44,11 +44,12 @@ def build_parser() -> common.Parser:
                       help="Checkpoint step to serve (default: the best by val accuracy).")
   parser.add_argument("--max-batch", type=common.positive_int, default=None,
                       help="Most images per model call (default 32). Calls are padded to "
-                           "1, 8, 32, ... up to this, each compiled at start-up.")
+                           "1, 2, 4, ... up to this, each compiled at start-up.")
   parser.add_argument("--batch-sizes", default=None, metavar="N,N,...",
-                      help="The padded sizes instead, e.g. 1,2,4,8,16,32: on a CPU, where "
-                           "compute grows with the padded size, denser sizes waste less "
-                           "(the largest is the most images per call).")
+                      help="The padded sizes instead, e.g. 1,8,32: fewer compile faster "
+                           "and suit an accelerator; on a CPU, whose compute grows with the "
+                           "padded size, they waste more (the largest is the most images "
+                           "per call).")
   parser.add_argument("--max-wait-ms", type=float, default=5.0,
                       help="How long an image waits for images not yet received to "
                            "share its model call (default 5 ms). Images of requests "
@@ -136,7 +137,6 @@ def _serve(argv) -> int:
   args, _ = common.parse(build_parser(), argv)
   _check(args)
   sizes = batch_sizes(args)
-  _log_to_stderr()
   common.enable_compilation_cache(args.compilation_cache, args.no_compilation_cache)
   import uvicorn
   from jaxcls.serve import Predictor, server
@@ -148,6 +148,7 @@ def _serve(argv) -> int:
   if not _is_loopback(args.host):
     print(f"warning: listening on {args.host}: other machines can reach {url}, and the "
           "server has no authentication.", file=sys.stderr)
+  _log_to_stderr()
   app = server.create_app(predictor, batch_sizes=sizes,
                           max_wait_ms=args.max_wait_ms,
                           max_body_bytes=int(args.max_body_mb * 2**20),

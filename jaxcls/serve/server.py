@@ -11,7 +11,7 @@ Requests that arrive together share one model call: the `Batcher` lets the first
 wait `max_wait_ms` for others (or until the largest batch is waiting; longer only for
 images of requests already received and still being decoded, when they fit in the
 padding the call has anyway), and the `ServingModel` pads the batch to the next of a few
-fixed sizes (`default_batch_sizes`: 1, 8, 32, ...), all compiled at start-up, so no
+fixed sizes (`default_batch_sizes`: 1, 2, 4, ..., 32), all compiled at start-up, so no
 request ever waits for a compilation. Decoding
 (`jaxcls.data.preprocess.load_image`, training's own) runs in a thread pool and the model
 in a thread of its own, so the event loop keeps accepting requests meanwhile.
@@ -74,18 +74,19 @@ def check_batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def default_batch_sizes(max_batch: int) -> tuple[int, ...]:
-  """The padded batch sizes: 1, 8, 32, 128, ... below max_batch, then max_batch.
+  """The padded batch sizes: powers of two below max_batch, then max_batch (as the
+  Predictor pads).
 
-  One shape per size is compiled at start-up: few sizes keep start-up short, and with
-  steps of 8x then 4x at most 3/4 of a call's rows are padding.
+  One shape per size is compiled at start-up. At most half of a call's rows are
+  padding: on a CPU, whose compute grows with the padded size, sparser sizes such as
+  1, 8, 32 cost up to twice the CPU time per image when concurrent requests split into
+  partial batches (benchmarks/README.md, "Serving over HTTP"); on an accelerator they
+  cost little and compile faster (`create_app(batch_sizes=...)`, `--batch-sizes`).
   """
   if max_batch < 1:
     raise ValueError(f"max_batch={max_batch}; use at least 1.")
-  sizes, size = [1], 8
-  while size < max_batch:
-    sizes.append(size)
-    size *= 4
-  return tuple(sizes + [max_batch]) if max_batch > 1 else (1,)
+  sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+  return tuple(sizes + [max_batch])
 
 
 class ServingModel:
@@ -408,9 +409,9 @@ def create_app(predictor: Predictor, *,
   """The server for `predictor` (its model, variables, classes and `tta`).
 
   A model call takes at most max(`batch_sizes`) images, padded to the next of
-  `batch_sizes`, each compiled when the server starts (`default_batch_sizes(N)`: 1, 8,
-  32, ... up to N; on a CPU, where compute grows with the padded size, denser sizes such
-  as powers of two waste less). An image waits `max_wait_ms` for others (and for images
+  `batch_sizes`, each compiled when the server starts (`default_batch_sizes(N)`: powers
+  of two up to N; fewer sizes such as (1, 8, 32) start faster, and suit an accelerator,
+  where a padded row costs little). An image waits `max_wait_ms` for others (and for images
   still being decoded that fit in its call's padding: `Batcher`). Bodies over
   `max_body_bytes` are refused. `decode_workers` threads decode (0: one per CPU core).
   """

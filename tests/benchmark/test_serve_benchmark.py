@@ -27,5 +27,8 @@ def test_serve_benchmark_figures_add_up(capsys):
         row["server_cpu_ms_per_request"] / out["predictor_cpu_ms_per_image"], rel=1e-12)
   # One client has one request in flight at a time: every model call holds one image;
   # three clients, at most three.
-  assert one["images_per_model_call"] == 1.0
+  assert one["images_per_model_call"] == 1.0 and one["model_calls"] == {"1": 12}
+  assert one["padded_rows_used"] == 1.0
+  assert sum(int(k) * v for k, v in three["model_calls"].items()) * three[
+      "padded_rows_used"] == pytest.approx(12)
   assert 1.0 <= three["images_per_model_call"] <= 3.0

@@ -307,10 +307,9 @@ def _expect_continue(url, length):
 
 def test_batch_sizes():
   assert server.default_batch_sizes(1) == (1,)
-  assert server.default_batch_sizes(8) == (1, 8)
-  assert server.default_batch_sizes(32) == (1, 8, 32)
-  assert server.default_batch_sizes(100) == (1, 8, 32, 100)
-  assert server.default_batch_sizes(128) == (1, 8, 32, 128)
+  assert server.default_batch_sizes(2) == (1, 2)
+  assert server.default_batch_sizes(32) == (1, 2, 4, 8, 16, 32)
+  assert server.default_batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
   assert server.check_batch_sizes([32, 1, 8, 8]) == (1, 8, 32)
   for bad in ([], [0, 8], [2.5]):
     with pytest.raises(ValueError, match="use positive whole numbers"):
@@ -399,6 +398,15 @@ def test_console_script_is_declared():
   for package in ("fastapi", "uvicorn", "python-multipart"):
     assert package in extra and package in " ".join(
         project["optional-dependencies"]["test"])
+
+
+def test_help_lists_every_flag():
+  text = serve_cli.build_parser().format_help()
+  for flag in ("--workdir", "--host", "--port", "--step", "--max-batch", "--batch-sizes",
+               "--max-wait-ms", "--max-body-mb", "--workers", "--tta", "--no-access-log",
+               "--compilation-cache"):
+    assert flag in text, flag
+  assert "default 127.0.0.1" in text and "'image' file field per image" in text
 
 
 def test_program_errors_are_one_line_and_status_2(predict_workdir, tmp_path, capsys):
