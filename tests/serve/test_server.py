@@ -407,6 +407,9 @@ def test_help_lists_every_flag():
                "--compilation-cache"):
     assert flag in text, flag
   assert "default 127.0.0.1" in text and "'image' file field per image" in text
+  # Anything but these gets a warning that other machines can reach the server.
+  assert all(map(serve_cli._is_loopback, ("127.0.0.1", "::1", "localhost")))
+  assert not any(map(serve_cli._is_loopback, ("0.0.0.0", "::", "192.168.1.2")))
 
 
 def test_program_errors_are_one_line_and_status_2(predict_workdir, tmp_path, capsys):
