@@ -8,6 +8,7 @@
 | `loader` | loader.py | decoding, the step, and the step fed by the real loader |
 | `predict` | predict.py | predict's cold start, warm latency and throughput |
 | `inference` | inference.py | Predictor, jax.export file and ONNX Runtime side by side |
+| `serve` | serve.py | the HTTP server: requests/s and p50/p99 latency at 1, 8, 32 clients |
 | `compare-cpu` | compare_cpu.py | jaxcls against PyTorch eager on this CPU, same run |
 | `torch-resnet18` | torch_resnet18.py | PyTorch's side of that comparison |
 | `conv-kernels` | conv_kernels.py | ResNet-18's convolutions alone: XLA, oneDNN, PyTorch |
@@ -24,6 +25,7 @@ COMMANDS = {
     "loader": "jaxcls.benchmark.loader",
     "predict": "jaxcls.benchmark.predict",
     "inference": "jaxcls.benchmark.inference",
+    "serve": "jaxcls.benchmark.serve",
     "compare-cpu": "jaxcls.benchmark.compare_cpu",
     "torch-resnet18": "jaxcls.benchmark.torch_resnet18",
     "conv-kernels": "jaxcls.benchmark.conv_kernels",

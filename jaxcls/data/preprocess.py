@@ -34,6 +34,14 @@ class ImageError(JaxclsError, ValueError):
     self.reason = reason
 
 
+class NotAnImageError(ImageError):
+  """Bytes in no image format Pillow can read (the server answers 415)."""
+
+
+class TooManyPixelsError(ImageError):
+  """An image over MAX_PIXELS or Pillow's own limit: a possible decompression bomb."""
+
+
 def _describe(src: ImageInput) -> str:
   if isinstance(src, (str, os.PathLike)):
     return os.fspath(src)
@@ -105,7 +113,10 @@ def _unidentified_reason(src: ImageInput) -> str:
     return unknown
   Image.init()
   for fmt, (factory, accept) in Image.OPEN.items():
-    matches = accept(data[:16]) if accept else False
+    try:
+      matches = accept(data[:16]) if accept else False
+    except Exception:  # noqa: BLE001 - some checks raise struct.error on 3 bytes.
+      matches = False
     if not matches or isinstance(matches, str):
       continue
     try:
@@ -124,7 +135,7 @@ def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
       img = _open(src)
       width, height = img.size
       if width * height > MAX_PIXELS:
-        raise ImageError(name, f"{width}x{height} pixels is over the limit of "
+        raise TooManyPixelsError(name, f"{width}x{height} pixels is over the limit of "
                          f"{MAX_PIXELS:,} (possible decompression bomb)")
       if draft_size and img.format == "JPEG":
         # Decode at 1/2, 1/4 or 1/8 scale while staying >= draft_size on both sides.
@@ -134,10 +145,8 @@ def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
       return _to_rgb(img)
   except ImageError:
     raise
-  except Image.DecompressionBombError as e:
-    raise ImageError(name, f"possible decompression bomb ({e})") from None
-  except Image.DecompressionBombWarning as e:
-    raise ImageError(name, f"possible decompression bomb ({e})") from None
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise TooManyPixelsError(name, f"possible decompression bomb ({e})") from None
   except FileNotFoundError:
     raise ImageError(name, "no such file") from None
   except IsADirectoryError:
@@ -145,7 +154,7 @@ def decode(src: ImageInput, draft_size: int | None = None) -> Image.Image:
   except PermissionError:
     raise ImageError(name, "permission denied") from None
   except Image.UnidentifiedImageError:
-    raise ImageError(name, _unidentified_reason(src)) from None
+    raise NotAnImageError(name, _unidentified_reason(src)) from None
   except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as e:
     raise ImageError(name, f"cannot decode: {e}") from None
 

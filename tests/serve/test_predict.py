@@ -166,11 +166,13 @@ def test_unreadable_inputs_become_error_lines_in_order(predictor, tmp_path, shap
   (tmp_path / "empty.jpg").write_bytes(b"")
   (tmp_path / "truncated.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
   (tmp_path / "text.jpg").write_text("not an image at all")
+  (tmp_path / "tiny.jpg").write_bytes(b"vm\n")  # Some format checks fail on 3 bytes.
   inputs = {
       "empty": str(tmp_path / "empty.jpg"),
       "truncated": str(tmp_path / "truncated.jpg"),
       "good": good,
       "text": str(tmp_path / "text.jpg"),
+      "tiny": str(tmp_path / "tiny.jpg"),
       "bomb": _png_header_only(tmp_path / "bomb.png", 20_000, 20_000),
       "mode": _tiff_unknown_mode(tmp_path / "mode.tif"),
       "missing": str(tmp_path / "missing.jpg"),
@@ -180,11 +182,24 @@ def test_unreadable_inputs_become_error_lines_in_order(predictor, tmp_path, shap
   by_name = dict(zip(inputs, results))
   assert by_name["good"].ok and by_name["good"].label in ("disc", "stripes")
   expected = {"empty": "empty file", "truncated": "truncated", "text": "not an image",
+              "tiny": "not an image file Pillow can identify",
               "bomb": "decompression bomb", "mode": "TIFF file Pillow cannot open",
               "missing": "no such file"}
   for name, words in expected.items():
     assert not by_name[name].ok, name
     assert words in by_name[name].error, (name, by_name[name].error)
+
+
+def test_image_errors_say_what_kind_of_problem_they_are(tmp_path):
+  """The server answers 415 for what is not an image and 413 for too many pixels."""
+  from jaxcls.data import preprocess
+  with pytest.raises(preprocess.NotAnImageError):
+    preprocess.load_image(b"vm\n", 16)
+  with pytest.raises(preprocess.TooManyPixelsError):
+    preprocess.load_image(_png_header_only(tmp_path / "bomb.png", 20_000, 20_000), 16)
+  with pytest.raises(preprocess.ImageError) as empty:
+    preprocess.load_image(b"", 16)
+  assert type(empty.value) is preprocess.ImageError
 
 
 def test_batches_and_threads_give_the_per_image_answers(predictor, shapes_dir):
