@@ -61,17 +61,19 @@ class HeldOutResult:
 
 
 def evaluate(workdir: str, data: str, *, split: str | None = None,
-             step: int | None = None, batch_size: int | None = None, workers: int = 0,
+             step: int | None = None, weights: str = "raw", batch_size: int | None = None,
+             workers: int = 0,
              tfds_data_dir: str | None = None, cache_dir: str | None = None,
              progress: bool = True) -> HeldOutResult:
   """Evaluates a checkpoint of `workdir` on every readable example of `data`.
 
+  `weights="ema"` evaluates the weight average (runs with optim.ema_decay > 0).
   `batch_size` defaults to the training's (it changes no number, only memory and
   speed); `workers` decode threads (0: the training's setting, else one per core);
   `tfds_data_dir` defaults to the training's; `cache_dir`, if set, keeps the decode
   check's verdicts (verified_files.json) so a second evaluation decodes only new files.
   """
-  run = workdir_lib.load_run(workdir, step)
+  run = workdir_lib.load_run(workdir, step, weights)
   data_config = run.config.data.copy_and_resolve_references()
   if tfds_data_dir is not None:
     data_config.tfds_data_dir = tfds_data_dir
@@ -100,3 +102,8 @@ def write_report(result: HeldOutResult, out_dir: str, *, top_k: int = 24,
            "split": result.split, "data_class_names": list(result.data_class_names),
            "skipped": [dict(row) for row in result.skipped]}
   return report.write_report(result.evaluation, out_dir, about, top_k=top_k, bins=bins)
+
+
+if __name__ == "__main__":  # `python -m jaxcls.evaluate`, the same as jaxcls-evaluate.
+  from jaxcls.cli.evaluate import cli
+  cli()

@@ -204,8 +204,8 @@ def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> Loa
 
   By default the checkpoint with the best validation accuracy (the latest one if none
   was validated yet); `step` picks another. `weights="ema"` takes the weight average
-  that runs with optim.ema_decay > 0 keep beside the weights. Raises FileNotFoundError when there is no
-  checkpoint and ValueError for a step that is not there.
+  that runs with optim.ema_decay > 0 keep beside the weights. Raises FileNotFoundError
+  when there is no checkpoint and ValueError for a step that is not there.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):

@@ -73,3 +73,28 @@ def displacement(final, start):
   """final − start, leaf by leaf, in float64: what training changed."""
   return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
                       final, start)
+
+
+def per_image_logit_bound(logits: np.ndarray, relative: float = TINY_CNN_FORWARD):
+  """How far apart the logits of one image may come out of two computations of a model
+  whose forward pass agrees to `relative` norm-wise."""
+  return relative * np.linalg.norm(np.asarray(logits, np.float64), axis=-1)
+
+
+def mean_loss_bound(logits: np.ndarray, losses: np.ndarray,
+                    relative: float = TINY_CNN_FORWARD) -> float:
+  """Bound on the difference of two mean cross-entropies over the same images: twice
+  each image's logit bound (logsumexp(z) − z_y moves by at most twice a logit's change),
+  the cross-entropy's own float32 evaluation (a few roundings of terms as large as the
+  logits and the loss), and the float32 mean."""
+  logits, losses = np.asarray(logits, np.float64), np.asarray(losses, np.float64)
+  own = 3 * U * (np.abs(losses) + 2 * np.abs(logits).max(axis=-1) + 1)
+  per_image = 2 * per_image_logit_bound(logits, relative) + own
+  return float(np.mean(per_image) + agreement(1, len(losses)) * np.mean(np.abs(losses)))
+
+
+def ambiguous_argmax(logits: np.ndarray, relative: float = TINY_CNN_FORWARD) -> np.ndarray:
+  """Images whose top two logits are too close for two computations to agree on the
+  argmax for sure; everywhere else the predictions must be equal."""
+  top2 = np.sort(np.asarray(logits, np.float64), axis=-1)[:, -2:]
+  return (top2[:, 1] - top2[:, 0]) <= 2 * per_image_logit_bound(logits, relative)

@@ -4,8 +4,8 @@ Two float32 computations of the same model (evaluation's batches against the Pre
 8 pmapped devices against one jit) differ by rounding alone: per image, logits
 `TINY_CNN_FORWARD`·‖z‖ apart at most (tests/numerics.py). A cross-entropy
 `logsumexp(z) − z_y` moves by at most twice a logit's change, and an argmax can only
-differ where the top two logits are closer than twice it; `_loss_bound` and
-`_ambiguous` turn that into the bounds the comparisons below use.
+differ where the top two logits are closer than twice it; `numerics.mean_loss_bound` and
+`numerics.ambiguous_argmax` turn that into the bounds the comparisons below use.
 """
 
 import io
@@ -27,34 +27,9 @@ from jaxcls.benchmark.predict import write_random_workdir
 from jaxcls.cli import evaluate as evaluate_cli
 from jaxcls.data import preprocess, sources
 from jaxcls.serve import Predictor
-from numerics import TINY_CNN_FORWARD, U, agreement
+from numerics import ambiguous_argmax, mean_loss_bound
 
 MODEL_CLASSES = ("disc", "stripes")
-
-
-# --- Bounds for comparing two computations (see the module docstring) ----------------
-
-
-def _per_image_logit_bound(logits: np.ndarray) -> np.ndarray:
-  """How far apart the logits of one image may come out of two computations."""
-  return TINY_CNN_FORWARD * np.linalg.norm(np.asarray(logits, np.float64), axis=-1)
-
-
-def _loss_bound(logits: np.ndarray, losses: np.ndarray) -> float:
-  """Bound on the difference of two mean cross-entropies over the same images: twice
-  each image's logit bound, the cross-entropy's own float32 evaluation (a few roundings
-  of terms as large as the logits and the loss), and the float32 mean."""
-  logits, losses = np.asarray(logits, np.float64), np.asarray(losses, np.float64)
-  own = 3 * U * (np.abs(losses) + 2 * np.abs(logits).max(axis=-1) + 1)
-  per_image = 2 * _per_image_logit_bound(logits) + own
-  return float(np.mean(per_image) + agreement(1, len(losses)) * np.mean(np.abs(losses)))
-
-
-def _ambiguous(logits: np.ndarray) -> np.ndarray:
-  """Images whose top two logits are too close for two computations to agree on the
-  argmax for sure; everywhere else the predictions must be equal."""
-  top2 = np.sort(np.asarray(logits, np.float64), axis=-1)[:, -2:]
-  return (top2[:, 1] - top2[:, 0]) <= 2 * _per_image_logit_bound(logits)
 
 
 # --- Held-out sets from the registry (no model) ---------------------------------------
@@ -275,9 +250,9 @@ def test_the_validation_files_give_the_accuracy_training_recorded(trained, step,
   logits, losses = result.evaluation.logits, result.evaluation.losses
   # Training evaluated on 8 pmapped devices, 2 images each: predictions can only differ
   # on images whose top two logits are within rounding of each other.
-  slack = int(np.sum(_ambiguous(logits)))
+  slack = int(np.sum(ambiguous_argmax(logits)))
   assert abs(row["accuracy"] - recorded["accuracy"]) * row["count"] <= slack + 1e-9
-  assert abs(row["loss"] - recorded["loss"]) <= _loss_bound(logits, losses)
+  assert abs(row["loss"] - recorded["loss"]) <= mean_loss_bound(logits, losses)
   assert sorted(os.listdir(workdir)) == before  # Nothing written into the workdir.
 
 
@@ -303,12 +278,12 @@ def _check_against(result, probabilities: np.ndarray, labels: np.ndarray) -> Non
   evaluation = result.evaluation
   assert list(evaluation.labels) == list(labels)
   predicted = np.argmax(probabilities, axis=-1)
-  sure = ~_ambiguous(evaluation.logits)
+  sure = ~ambiguous_argmax(evaluation.logits)
   np.testing.assert_array_equal(evaluation.predictions[sure], predicted[sure])
   correct = int(np.sum(predicted == labels))
   assert abs(evaluation.accuracy * len(labels) - correct) <= np.sum(~sure) + 1e-9
   picked = np.asarray(probabilities, np.float64)[np.arange(len(labels)), labels]
-  assert abs(evaluation.loss - float(np.mean(-np.log(picked)))) <= _loss_bound(
+  assert abs(evaluation.loss - float(np.mean(-np.log(picked)))) <= mean_loss_bound(
       evaluation.logits, evaluation.losses)
 
 

@@ -169,6 +169,24 @@ def test_adamw_takes_normalized_steps_and_decouples_the_weight_decay():
   np.testing.assert_allclose(u["head"]["kernel"], -0.01 - 0.01 * 0.5 * 1.0, rtol=ADAM_FLOAT32)
 
 
+def test_adamw_takes_its_betas_and_eps_from_the_config():
+  """Two steps by hand with β₁ = 0.5, β₂ = 0.75, eps = 0.1 (the defaults would give
+  −0.01 and −0.01 within 5e-9: every value here is 5-17 % away from that). Bias
+  corrections 1 − β^t of 0.25 or more and a dozen float32 operations: 1e-6 relative."""
+  config = optim_config(name="adamw", learning_rate=0.01, weight_decay=0.0,
+                        beta1=0.5, beta2=0.75, eps=0.1)
+  tx = optim.create_optimizer(config, steps_per_epoch=10, num_epochs=1)
+  first, second = run(tx, [jax.tree.map(lambda x: jnp.full_like(x, 2.0), params()),
+                           ones_like(params())])
+  m1, v1 = 0.5 * 2.0, 0.25 * 4.0
+  expected1 = -0.01 * (m1 / 0.5) / (np.sqrt(v1 / 0.25) + 0.1)
+  m2, v2 = 0.5 * m1 + 0.5 * 1.0, 0.75 * v1 + 0.25 * 1.0
+  expected2 = -0.01 * (m2 / (1 - 0.5 ** 2)) / (np.sqrt(v2 / (1 - 0.75 ** 2)) + 0.1)
+  for update, expected in ((first, expected1), (second, expected2)):
+    for leaf in jax.tree.leaves(update):
+      np.testing.assert_allclose(leaf, expected, rtol=1e-6)
+
+
 def test_adamw_keeps_freezing_and_per_group_rates():
   config = optim_config(name="adamw", learning_rate=0.01, freeze="backbone",
                         backbone_lr_mult=0.5)

@@ -9,10 +9,11 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from numerics import assert_normwise_close, displacement, normwise_error, tiny_cnn_training
+from numerics import (assert_normwise_close, displacement, mean_loss_bound, normwise_error,
+                      tiny_cnn_training)
 from jaxcls import config as config_lib
 from jaxcls import parallel, steps, train
-from jaxcls.data import loader, preprocess, sources
+from jaxcls.data import augment, loader, preprocess, sources
 from jaxcls.models import create_model
 
 
@@ -152,6 +153,32 @@ def test_class_weights_weigh_each_example_by_its_class():
   weights = np.array([2.0, 3.0, 1.0])
   assert float(steps.loss_fn(logits, soft, class_weights=(1.0, 3.0))) == pytest.approx(
       float(np.sum(weights * soft_losses) / weights.sum()), rel=1e-6)
+
+
+def test_mixup_trains_on_mixed_images_against_soft_targets():
+  """The step's loss is the soft-target cross-entropy of the model on the mixed images
+  (the key derived as train_step derives it), not the loss of the images as given."""
+  config, _, state = _setup()
+  model = create_model(config.model, 2)  # The same model, its batch norm on one device.
+  batch = _batch()
+  options = steps.StepOptions(mix=augment.MixOptions(mixup_alpha=0.4))
+  _, metrics = _one_device_step(state, batch, options)
+  rng = jax.random.fold_in(jax.random.fold_in(steps.root_key(1), 0), 0)  # Step 0, device 0.
+  _, mix_rng, dropout_rng = jax.random.split(rng, 3)
+  images = jnp.asarray(batch["image"], jnp.float32)
+  mixed, targets = augment.mix(mix_rng, images, jnp.asarray(batch["label"]), 2, options.mix)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def losses_on(x, y):
+    logits, _ = model.apply(variables, x, train=True, rngs={"dropout": dropout_rng},
+                            mutable=["batch_stats"])
+    return np.asarray(logits), np.asarray(optax.softmax_cross_entropy(logits, y))
+
+  logits, losses = losses_on(mixed, targets)
+  bound = mean_loss_bound(logits, losses)
+  assert abs(metrics["loss"][0] - losses.mean()) <= bound
+  _, unmixed = losses_on(images, jax.nn.one_hot(batch["label"], 2))
+  assert abs(unmixed.mean() - losses.mean()) > 10 * bound
 
 
 def test_balanced_class_weights_come_from_the_training_split(shapes_dir):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from numerics import TINY_CNN_FORWARD, assert_normwise_close
 from jaxcls import metric_writers, train, tracking, workdir
 from jaxcls.serve import Predictor
 
@@ -152,3 +153,46 @@ def test_predict_takes_the_weight_average_from_the_command_line(run, shapes_dir,
   assert row["label"] == expected.label
   # The CLI's batch of 1 is the API's too: the same program, the same numbers.
   assert row["probabilities"] == expected.probabilities
+
+
+def test_evaluate_export_and_serve_take_the_weight_average(run, shapes_dir, tmp_path,
+                                                           capsys):
+  from jaxcls.cli import evaluate as evaluate_cli
+  from jaxcls.cli import export as export_cli
+  from jaxcls.cli import serve as serve_cli
+  from jaxcls.serve import export as export_lib
+  workdir = str(run[0] / "w")
+  results = {}
+  for weights in ("raw", "ema"):
+    assert evaluate_cli.main(["--workdir", workdir, "--data", f"folder:{shapes_dir}",
+                              "--weights", weights, "--json", "--no-progress",
+                              "--no-compilation-cache"]) == 0
+    results[weights] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert results["ema"]["checkpoint"].endswith(", its weight average")
+  assert not results["raw"]["checkpoint"].endswith(", its weight average")
+  assert results["ema"]["loss"] != results["raw"]["loss"]
+
+  out = str(tmp_path / "ema.jaxexport")
+  assert export_cli.main(["--workdir", workdir, "--weights", "ema", "--out", out,
+                          "--platforms", "cpu"]) == 0
+  exported, meta = export_lib.load(out)
+  ema = Predictor.from_workdir(workdir, weights="ema")
+  assert meta["source"]["checkpoint"] == ema.checkpoint_description
+  images = np.random.default_rng(3).integers(0, 256, (4, 16, 16, 3), np.uint8)
+  assert_normwise_close(np.asarray(exported.call(images)), ema.predict_arrays(images)[0],
+                        TINY_CNN_FORWARD)
+
+  class Served(Exception):
+    pass
+
+  def create_app(predictor, **_):
+    raise Served(predictor)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr("jaxcls.serve.server.create_app", create_app)
+    with pytest.raises(Served) as served:
+      serve_cli._serve(["--workdir", workdir, "--weights", "ema", "--port", "0",
+                        "--no-compilation-cache"])
+  for got, want in zip(jax.tree.leaves(served.value.args[0].variables),
+                       jax.tree.leaves(ema.variables)):
+    np.testing.assert_array_equal(got, want)

@@ -48,6 +48,9 @@ def test_demo_learns(trained):
   assert val_rows[-1]["accuracy"] == final.last_epoch.val_accuracy
   dataset = sources.build_dataset(config.data, config.seed, workdir)
   assert val_rows[-1]["count"] == len(dataset.val)  # Every validation image, once.
+  # 0.1 code read the result as a dict; that still works for one release, with a warning.
+  with pytest.warns(DeprecationWarning, match="use its attributes"):
+    assert final["val_accuracy"] == final.last_epoch.val_accuracy
 
 
 def test_finished_run_does_nothing_more_and_says_so(trained, caplog):

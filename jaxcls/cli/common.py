@@ -165,6 +165,12 @@ def setup_logging() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                      help="raw (default), or ema: the weight average of a run trained "
+                           "with optim.ema_decay > 0.")
+
+
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--compilation-cache", default=None, metavar="DIR",
                       help="JAX persistent compilation cache folder (default: "

@@ -37,6 +37,7 @@ def build_parser() -> common.Parser:
   parser.add_argument("--step", type=int, default=None,
                       help="Checkpoint step (default: the best by val accuracy, as "
                            "predict picks it).")
+  common.add_weights_flag(parser)
   parser.add_argument("--json", action="store_true",
                       help="Print one JSON object instead of text.")
   parser.add_argument("--report", default=None, metavar="OUT",
@@ -88,7 +89,7 @@ def _evaluate(argv) -> int:
   common.enable_compilation_cache(args.compilation_cache, args.no_compilation_cache)
   from jaxcls import evaluate
   result = evaluate.evaluate(
-      args.workdir, args.data, split=args.split, step=args.step,
+      args.workdir, args.data, split=args.split, step=args.step, weights=args.weights,
       batch_size=args.batch_size, workers=args.workers, tfds_data_dir=args.tfds_data_dir,
       cache_dir=args.report, progress=not args.no_progress)
   print(f"Evaluated {result.checkpoint} from {args.workdir}", file=sys.stderr)

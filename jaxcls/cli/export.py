@@ -34,6 +34,7 @@ def build_parser() -> common.Parser:
                       help="jax: a jax.export file and its .json (default); onnx: one "
                            "ONNX file with its metadata inside (needs jaxcls[onnx]).")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step to export.")
+  common.add_weights_flag(parser)
   parser.add_argument("--tta", action="store_true",
                       help="Bake in test-time augmentation (average with the mirror).")
   parser.add_argument("--platforms", default=None,
@@ -104,7 +105,7 @@ def _export(argv) -> int:
                             "wherever ONNX Runtime does.")
   _platforms(args.platforms)  # Bad flags fail before the checkpoint loads.
   from jaxcls.serve import Predictor
-  predictor = Predictor.from_workdir(args.workdir, step=args.step)
+  predictor = Predictor.from_workdir(args.workdir, step=args.step, weights=args.weights)
   if args.format == "onnx":
     _write_onnx(args, predictor)
   else:

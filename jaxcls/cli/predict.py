@@ -153,9 +153,7 @@ def build_parser() -> common.Parser:
                       help="Print one JSON object per line instead of tab-separated text.")
   parser.add_argument("--step", type=int, default=None,
                       help="Checkpoint step to use (default: the best by val accuracy).")
-  parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
-                      help="raw (default), or ema: the weight average of a run trained "
-                           "with optim.ema_decay > 0.")
+  common.add_weights_flag(parser)
   parser.add_argument("--workers", type=int, default=0,
                       help="Decode threads (default 0: one per CPU core).")
   parser.add_argument("--no-progress", action="store_true",

@@ -42,6 +42,7 @@ def build_parser() -> common.Parser:
                       help=f"Port (default {DEFAULT_PORT}; 0 picks a free one).")
   parser.add_argument("--step", type=int, default=None,
                       help="Checkpoint step to serve (default: the best by val accuracy).")
+  common.add_weights_flag(parser)
   parser.add_argument("--max-batch", type=common.positive_int, default=None,
                       help="Most images per model call (default 32). Calls are padded to "
                            "1, 2, 4, ... up to this, each compiled at start-up.")
@@ -140,7 +141,8 @@ def _serve(argv) -> int:
   common.enable_compilation_cache(args.compilation_cache, args.no_compilation_cache)
   import uvicorn
   from jaxcls.serve import Predictor, server
-  predictor = Predictor.from_workdir(args.workdir, step=args.step, tta=args.tta)
+  predictor = Predictor.from_workdir(args.workdir, step=args.step, weights=args.weights,
+                                     tta=args.tta)
   print(f"Loaded {predictor.checkpoint_description} from {args.workdir}", file=sys.stderr)
   sock = bind(args.host, args.port)
   port = sock.getsockname()[1]

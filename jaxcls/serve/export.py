@@ -77,7 +77,8 @@ def model_description(predictor: predict_lib.Predictor, *, workdir: str,
       "preprocessing": {**PREPROCESSING, "input_mean": list(model.mean),
                         "input_std": list(model.std)},
       "tta": tta,
-      "source": {"workdir": os.path.abspath(workdir), "step": predictor.step},
+      "source": {"workdir": os.path.abspath(workdir), "step": predictor.step,
+                 "checkpoint": predictor.checkpoint_description},
   }
 
 

@@ -344,8 +344,10 @@ class _Service:
       task.cancel()
       with contextlib.suppress(asyncio.CancelledError):
         await task
-      self.decode_pool.shutdown(cancel_futures=True)
-      self.model_thread.shutdown(cancel_futures=True)
+      for pool in (self.decode_pool, self.model_thread):
+        # Let work already running finish (off the loop), so that no thread reports its
+        # result to a closed event loop.
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
   async def classify(self, data: bytes, top_k: int) -> dict:
     """One encoded image's answer; RequestError if it cannot be read."""

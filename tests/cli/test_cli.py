@@ -4,6 +4,7 @@ overrides read as their key's type, and one way of failing (one `error:` line, e
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -81,14 +82,28 @@ def test_training_help_lists_every_flag_with_its_help(command):
   assert "Process 0's address" in result.stdout and "Recipe file" in result.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("program, flags", [
-    ("jaxcls-predict", ("--workdir", "--top-k", "--tta", "--output", "--json")),
-    ("jaxcls-export", ("--workdir", "--out", "--platforms")),
+PROGRAM_FLAGS = [
+    ("jaxcls-predict", ("--workdir", "--top-k", "--tta", "--output", "--json", "--weights")),
+    ("jaxcls-evaluate", ("--workdir", "--data", "--split", "--json", "--report",
+                         "--weights")),
+    ("jaxcls-export", ("--workdir", "--out", "--platforms", "--format", "--weights")),
+    ("jaxcls-serve", ("--workdir", "--host", "--port", "--batch-sizes", "--max-wait-ms",
+                      "--weights")),
     ("jaxcls-report", ("--workdir", "--out", "--top-k", "--bins")),
     ("jaxcls-inspect", ("--config", "--out", "--num")),
-    ("jaxcls-benchmark", ("step", "loader", "predict")),
-])
+    ("jaxcls-pretrained", ("import",)),
+    ("jaxcls-benchmark", ("step", "loader", "predict", "inference", "serve")),
+]
+
+
+def test_every_installed_program_is_checked_here():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    scripts = set(tomllib.load(f)["project"]["scripts"])
+  assert scripts == {name for name, _ in PROGRAM_FLAGS} | {"jaxcls-train"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program, flags", PROGRAM_FLAGS)
 def test_every_program_lists_its_flags(program, flags):
   result = _run([os.path.join(BIN, program), "--help"])
   assert result.returncode == 0, result.stderr
@@ -104,6 +119,10 @@ def test_every_program_lists_its_flags(program, flags):
     (["jaxcls-export", "--workdir", "/nonexistent", "--out", "m", "--platforms", "cpu,gpu2"],
      "error: --platforms 'cpu,gpu2': unknown ['gpu2']"),
     (["jaxcls-report", "--workdir", "/nonexistent"], "error: No checkpoints in '/nonexistent'"),
+    (["jaxcls-evaluate", "--workdir", "/nonexistent", "--data", "folder:/nonexistent"],
+     "error: No checkpoints in '/nonexistent'"),
+    (["jaxcls-serve", "--workdir", "/nonexistent", "--port", "0"],
+     "error: No checkpoints in '/nonexistent'"),
     (["jaxcls-pretrained", "import", "--arch", "resnet18", "--weights", "/nonexistent.pth",
       "--out", "/tmp/x"], "error: No weights file at '/nonexistent.pth'."),
     (["jaxcls-benchmark", "nonsense"], "error: unknown benchmark 'nonsense'"),
@@ -114,3 +133,14 @@ def test_programs_fail_with_one_error_line_and_status_2(args, message):
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, program", [
+    ("jaxcls.evaluate", "jaxcls-evaluate"), ("jaxcls.predict", "jaxcls-predict"),
+    ("jaxcls.report", "jaxcls-report"), ("jaxcls.pretrained", "jaxcls-pretrained")])
+def test_python_dash_m_forms_are_the_same_programs(module, program):
+  ours = _run([sys.executable, "-m", module, "--help"])
+  theirs = _run([os.path.join(BIN, program), "--help"])
+  assert ours.returncode == theirs.returncode == 0, ours.stderr
+  assert ours.stdout.split("\n", 1)[1] == theirs.stdout.split("\n", 1)[1]  # Bar "usage:".

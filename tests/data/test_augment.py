@@ -119,7 +119,40 @@ def test_geometric_policy_operations_move_pixels_and_colour_ones_do_not():
   matrix, _ = augment._policy_geometry(augment.OPS.index("shear_y"), 1.0, -1.0, 10, 10)
   np.testing.assert_allclose(matrix, [[1.0, -0.3], [0.0, 1.0]])
   matrix, shift = augment._policy_geometry(augment.OPS.index("equalize"), 1.0, 1.0, 10, 10)
-  np.testing.assert_array_equal(matrix, np.eye(2)) and np.testing.assert_array_equal(shift, 0)
+  np.testing.assert_array_equal(matrix, np.eye(2))
+  np.testing.assert_array_equal(shift, 0)
+
+
+def test_randaugment_draws_policy_ops_operations_at_policy_magnitude():
+  config = augment.Options.from_config(_augment_config(policy="randaugment", policy_ops=3,
+                                                       policy_magnitude=15))
+  ops, magnitudes, signs = augment._draw_policy(jax.random.key(4), 64, config)
+  assert ops.shape == magnitudes.shape == signs.shape == (64, 3)
+  np.testing.assert_array_equal(magnitudes, 0.5)  # 15 of 30.
+  assert set(np.asarray(ops).ravel()) == set(range(len(augment.OPS)))
+  trivial = augment.Options.from_config(_augment_config(policy="trivialaugment",
+                                                        policy_ops=3))
+  _, magnitudes, _ = augment._draw_policy(jax.random.key(4), 64, trivial)
+  assert magnitudes.shape == (64, 1)  # One operation, whatever policy_ops says.
+  assert 0 <= magnitudes.min() and magnitudes.max() < 1 and np.std(magnitudes) > 0.2
+
+
+def test_a_larger_policy_magnitude_changes_images_more():
+  """The same key draws the same operations; only their strength differs."""
+  images = _images(n=32)
+  change = {}
+  for magnitude in (3, 27):
+    out = augment.augment(jax.random.key(9), images,
+                          Options(policy="randaugment", policy_magnitude=magnitude))
+    change[magnitude] = float(np.mean(np.abs(np.asarray(out) - images)))
+  assert change[27] > 2 * change[3]
+
+
+def _augment_config(**overrides):
+  from jaxcls.config import base_config
+  config = base_config().augment
+  config.update(overrides)
+  return config
 
 
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])

@@ -139,14 +139,14 @@ def test_broken_files_are_listed_exactly_and_training_runs(mixed_dir, make_confi
                                                            tmp_path):
   workdir = tmp_path / "work"
   config = make_config("folder:" + mixed_dir)
-  _, last = train.train_and_evaluate(config, str(workdir))
+  _, summary = train.train_and_evaluate(config, str(workdir))
   rows = [json.loads(line) for line in open(workdir / sources.SKIPPED_FILE)]
   skipped = {os.path.basename(row["path"]): row["reason"] for row in rows}
   assert set(skipped) == set(_broken())
   assert "0 bytes" in skipped["empty.jpg"]
   assert "decompression bomb" in skipped["bomb.png"]
   assert all(os.path.isabs(row["path"]) for row in rows)
-  assert last["step"] >= 1 and np.isfinite(last["train_loss"])
+  assert summary.final_step >= 1 and np.isfinite(summary.last_epoch.train_loss)
   dataset = sources.build_dataset(config.data, config.seed, str(workdir))
   listed = {os.path.basename(p) for p in dataset.train.paths + dataset.val.paths}
   assert set(_odd_but_good()) <= listed

@@ -45,10 +45,11 @@ def test_tfds_records_are_encoded_bytes_through_the_one_preprocess(mock_cats_vs_
 @pytest.mark.slow
 def test_tfds_trains_a_few_steps(mock_cats_vs_dogs, make_config, tmp_path):
   config = catdog_config(make_config, **{"data.cache": "memory"})
-  state, last = train.train_and_evaluate(config, str(tmp_path))
-  assert last["step"] == 32 // 16 and last["epoch"] == 1
-  assert np.isfinite(last["train_loss"]) and np.isfinite(last["val_loss"])
-  assert 0.0 <= last["val_accuracy"] <= 1.0
+  state, summary = train.train_and_evaluate(config, str(tmp_path))
+  last = summary.last_epoch
+  assert last.step == 32 // 16 and last.epoch == 1
+  assert np.isfinite(last.train_loss) and np.isfinite(last.val_loss)
+  assert 0.0 <= last.val_accuracy <= 1.0
   assert int(state.step) == 2
   assert open(tmp_path / sources.SKIPPED_FILE).read() == ""
 

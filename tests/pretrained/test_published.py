@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,11 +26,12 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from conftest import ROOT, tiny_config
-from jaxcls import pretrained
+from jaxcls import evaluate, pretrained
+from jaxcls.data import sources
 from jaxcls.pretrained import torch_hub
 from jaxcls.serve import Predictor
 from jaxcls.train import train_and_evaluate
-from numerics import agreement, assert_normwise_close
+from numerics import agreement, ambiguous_argmax, assert_normwise_close, mean_loss_bound
 from torch_models import state_dict_arrays, torch_convnext, torch_logits, torch_resnet
 from weight_servers import FileServer, HubServer, hub_environment
 
@@ -167,3 +169,20 @@ def test_init_from_the_hub_starts_a_run_and_resumes_offline(shapes_dir, tmp_path
   with hub_environment(str(tmp_path / "empty"), offline=True):
     _, summary = train_and_evaluate(config, workdir)
   assert summary.last_epoch.epoch == 2
+  # Scored on a folder holding exactly its validation files, the fine-tuned model gets
+  # the accuracy its last evaluation recorded (bar images whose top two logits are
+  # within rounding: 8 pmapped devices there, one jit here).
+  dataset = sources.build_dataset(config.data, config.seed)
+  val_dir = tmp_path / "validation_files"
+  for path in dataset.val.paths:
+    (val_dir / path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(dataset.val.root, path), val_dir / path)
+  result = evaluate.evaluate(workdir, f"folder:{val_dir}", step=summary.final_step,
+                             progress=False).evaluation
+  resnet18 = agreement(17 + 2, 3 * 3 * 512)
+  slack = int(np.sum(ambiguous_argmax(result.logits, resnet18)))
+  assert len(result.labels) == len(dataset.val)
+  assert (abs(result.accuracy - summary.last_epoch.val_accuracy) * len(result.labels)
+          <= slack + 1e-9)
+  assert abs(result.loss - summary.last_epoch.val_loss) <= mean_loss_bound(
+      result.logits, result.losses, resnet18)
