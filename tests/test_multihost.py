@@ -24,7 +24,7 @@ import pytest
 
 from conftest import tiny_config
 from numerics import assert_normwise_close, displacement, tiny_cnn_training
-from jaxcls import checkpoint, distributed, metric_writers, parallel, steps, train
+from jaxcls import checkpoint, distributed, metric_writers, parallel, steps
 from jaxcls.data import loader, sources
 from jaxcls.models import create_model
 

@@ -13,7 +13,7 @@ from numerics import (assert_normwise_close, displacement, mean_loss_bound, norm
                       tiny_cnn_training)
 from jaxcls import config as config_lib
 from jaxcls import parallel, steps, train
-from jaxcls.data import augment, loader, preprocess, sources
+from jaxcls.data import augment, preprocess, sources
 from jaxcls.models import create_model
 
 

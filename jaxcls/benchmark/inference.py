@@ -118,12 +118,7 @@ def _measure(argv) -> int:
                             "'jaxcls[onnx]'.") from None
   from jaxcls.serve import Predictor
   with tempfile.TemporaryDirectory(prefix="jaxcls_inference_bench_") as scratch:
-    workdir = args.workdir
-    if workdir is None:
-      workdir = os.path.join(scratch, "workdir")
-      widths = tuple(int(w) for w in args.widths.split(","))
-      predict_benchmark.write_random_workdir(
-          workdir, predict_benchmark.model_config(args.image_size, widths), ("cat", "dog"))
+    workdir = predict_benchmark.workdir_or_random(args, scratch)
     predictor = Predictor.from_workdir(workdir, batch_size=args.batch)
     os.makedirs(os.path.join(scratch, "images"))
     paths = predict_benchmark.write_images(os.path.join(scratch, "images"), args.batch)

@@ -170,6 +170,17 @@ def model_config(image_size: int, widths: tuple[int, ...]):
   return config
 
 
+def workdir_or_random(args, scratch: str) -> str:
+  """`--workdir`, or a random-weights workdir of the `--widths` CNN at `--image-size`
+  written under `scratch` (a benchmark needs speed, not accuracy)."""
+  if args.workdir is not None:
+    return args.workdir
+  workdir = os.path.join(scratch, "workdir")
+  widths = tuple(int(w) for w in args.widths.split(","))
+  write_random_workdir(workdir, model_config(args.image_size, widths), ("cat", "dog"))
+  return workdir
+
+
 def _report(info: dict, cold: dict | None, warm: dict) -> str:
   lines = [f"predict benchmark: {info['model']}, {info['image_size']} px, "
            f"{info['backend']} ({info['devices']} device(s)), {os.cpu_count()} CPU core(s)"]
@@ -211,11 +222,7 @@ def _measure(argv) -> int:
   args, _ = common.parse(build_parser(), argv)
   import jax
   with tempfile.TemporaryDirectory(prefix="jaxcls_predict_bench_") as scratch:
-    workdir = args.workdir
-    if workdir is None:
-      workdir = os.path.join(scratch, "workdir")
-      widths = tuple(int(w) for w in args.widths.split(","))
-      write_random_workdir(workdir, model_config(args.image_size, widths), ("cat", "dog"))
+    workdir = workdir_or_random(args, scratch)
     os.makedirs(os.path.join(scratch, "images"))
     images = write_images(os.path.join(scratch, "images"), args.batch)
     cold = (cold_start(workdir, images[0], args.repeats, scratch) if not args.skip_cold

@@ -11,7 +11,6 @@ the evaluation pass (decode → preprocess → model, as training evaluates) and
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxcls.benchmark.loader import write_photo_jpegs
-from jaxcls.benchmark.predict import model_config, write_random_workdir
+from jaxcls.benchmark.predict import workdir_or_random
 from jaxcls.cli import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -200,11 +200,7 @@ def _measure(argv) -> int:
     args.max_batch = None  # The sizes say it.
   args.sizes = serve_cli.batch_sizes(args)
   with tempfile.TemporaryDirectory(prefix="jaxcls_serve_bench_") as scratch:
-    workdir = args.workdir
-    if workdir is None:
-      workdir = os.path.join(scratch, "workdir")
-      widths = tuple(int(w) for w in args.widths.split(","))
-      write_random_workdir(workdir, model_config(args.image_size, widths), ("cat", "dog"))
+    workdir = workdir_or_random(args, scratch)
     images = _images(os.path.join(scratch, "images"), args.images)
     proc, url, startup = start_server(workdir, scratch, args)
     try:

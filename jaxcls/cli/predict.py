@@ -19,10 +19,13 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from jaxcls.cli import common
 from jaxcls.data.sources.base import IMAGE_EXTENSIONS, is_image_name
+
+if TYPE_CHECKING:  # Imported when predicting: jax loads only after the flags are read.
+  from jaxcls.serve.predictor import Prediction
 
 MANY_FILES = 100  # A progress bar is shown from this many inputs on.
 OUTPUT_FORMATS = (".csv", ".jsonl")

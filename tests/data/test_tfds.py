@@ -1,14 +1,11 @@
 """tfds: sources through the real `tfds.data_source` path, under `tfds.testing.mock_data`."""
 
 import importlib.util
-import io
 import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
-from tensorflow_datasets.core.features import image_feature
 
 from jaxcls import train
 from jaxcls.data import inspect as inspect_lib

@@ -16,7 +16,6 @@ are not saturated at 0 and 1, where any two computations would agree.
 """
 
 import importlib.util
-import json
 import os
 
 import flax.linen as nn
@@ -36,7 +35,7 @@ from jaxcls.serve import predictor as predict_lib
 
 from blocked_imports import JAXCLS_AND_FRIENDS, run_blocked
 from conftest import ROOT, tiny_config
-from numerics import TINY_CNN_FORWARD, agreement, assert_normwise_close
+from numerics import agreement, assert_normwise_close
 
 PROGRAM = os.path.join(ROOT, "examples", "predict_onnx.py")
 ISSUE_MAX_ABS = 1e-5  # Issue 19: probabilities equal the Predictor's to 1e-5.

@@ -16,7 +16,7 @@ import optax
 import pytest
 from PIL import Image
 
-from jaxcls import parallel, steps, train
+from jaxcls import parallel, steps
 from jaxcls.cli import predict as predict_cli
 from jaxcls.data import loader, sources
 from jaxcls.models import create_model

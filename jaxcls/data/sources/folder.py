@@ -81,7 +81,6 @@ def list_folder(root: str, min_classes: int = 2) -> tuple[FileSource, tuple[str,
   return listed.check_classes(source, class_names, class_root), class_names
 
 
-
 @register("folder")
 def build(arg: str, data_config, *, seed: int, workdir: str | None, workers: int):
   source, class_names = list_folder(os.path.expanduser(arg))

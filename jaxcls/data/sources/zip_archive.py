@@ -133,7 +133,6 @@ def list_zip(archive: str, min_classes: int = 2) -> tuple[ZipSource, tuple[str, 
   return listed.check_classes(source, class_names, archive), class_names
 
 
-
 @register("zip")
 def build(arg: str, data_config, *, seed: int, workdir: str | None, workers: int):
   source, class_names = list_zip(os.path.expanduser(arg))
