@@ -4,7 +4,8 @@
 `parallel.AXIS`: gradients are averaged with `lax.pmean`, batch-norm statistics are
 computed over the whole global batch, and evaluation sums are added with `lax.psum`
 before one division on the host, so metrics are exact whatever the device count.
-Training, evaluation, predict, export, the report and the benchmarks all use these.
+Training, evaluation, predict, the report and the benchmarks all use these. (Export
+traces plain `model.apply` instead, so an exported file holds no CPU kernel.)
 """
 
 from __future__ import annotations

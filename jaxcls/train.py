@@ -262,7 +262,7 @@ def _already_done(run: _Run) -> RunSummary | None:
 class _Steps:
   """The compiled programs of one run."""
   train: Any
-  frozen: Any  # Backpropagates through the head only; compiled on first use.
+  frozen: Any  # Backpropagates through the head only; only runs while freezing.
   evaluate: Any
   frozen_for: int  # Steps the backbone stays frozen.
   schedule: Any

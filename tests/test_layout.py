@@ -122,3 +122,12 @@ def test_no_function_is_longer_than_80_lines():
         if length > 80:
           long.append(f"{module}.{node.name}: {length} lines")
   assert long == []
+
+
+def test_the_readmes_own_model_snippet_is_the_examples_code():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  snippet = readme.split("**Your own model**", 1)[1].split("```python\n", 1)[1]
+  snippet = snippet.split("```", 1)[0]
+  with open(os.path.join(ROOT, "examples", "my_model.py")) as f:
+    assert snippet in f.read()

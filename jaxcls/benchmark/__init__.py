@@ -17,8 +17,24 @@
 | `gpu` | gpu.py | ResNet-50, 224 px, bfloat16 on one accelerator |
 
 Each module has a `main(argv)`; the figures and when they were measured are in
-`benchmarks/README.md`.
+`benchmarks/README.md`. Two scripts stay in `benchmarks/`: `gpu.sh` (the GPU session's
+wrapper around `gpu`) and `pretrained_vs_pytorch.py`, which borrows the tests' PyTorch
+reference models and weight servers, and so cannot be part of the installed package.
 """
+
+import os
+
+# The checkout (or site-packages) holding jaxcls: where the benchmarks find `configs/` and
+# where their child processes start, so that `-m` finds this jaxcls first.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def uncached_environment() -> dict[str, str]:
+  """This process's environment without the compilation-cache settings, for a child whose
+  cold start is being measured."""
+  return {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXCLS_COMPILATION_CACHE")}
+
 
 COMMANDS = {
     "step": "jaxcls.benchmark.step",

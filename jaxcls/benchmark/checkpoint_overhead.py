@@ -12,7 +12,6 @@ checkpoint size. Each log interval holds exactly one save.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -22,6 +21,7 @@ import time
 import jax
 
 from jaxcls import checkpoint, metric_writers, train
+from jaxcls.cli import common
 from jaxcls.config import base_config
 
 
@@ -74,7 +74,7 @@ def run(args, data_dir: str, every: int, async_save: bool) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark checkpoint",
+  parser = common.Parser(prog="python -m jaxcls.benchmark checkpoint",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--widths", default="64,128,256")
   parser.add_argument("--image-size", type=int, default=32)

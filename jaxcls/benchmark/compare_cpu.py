@@ -22,17 +22,17 @@ median printed too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 
-# The repository (configs/ is not part of the installed package).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxcls.benchmark import REPO_ROOT
+from jaxcls.cli import common
+
 JAX_CMD = [sys.executable, "-m", "jaxcls.benchmark", "step", "--config",
-           os.path.join(ROOT, "configs", "catdog.py"), "--config.model.name=resnet18",
+           os.path.join(REPO_ROOT, "configs", "catdog.py"), "--config.model.name=resnet18",
            "--config.batch_size=32", "--config.data.image_size=128"]
 TORCH_CMD = [sys.executable, "-m", "jaxcls.benchmark", "torch-resnet18",
              "--image-size", "128", "--batch-size", "32"]
@@ -48,7 +48,7 @@ def _run(cmd: list[str], env: dict) -> dict:
 
 def _env(xla_flags: str | None) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+         "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
   if xla_flags is not None:  # None: jaxcls's own defaults apply.
     env["XLA_FLAGS"] = xla_flags
@@ -61,7 +61,7 @@ def _env_variant(item: str) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark compare-cpu",
+  parser = common.Parser(prog="python -m jaxcls.benchmark compare-cpu",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=8)

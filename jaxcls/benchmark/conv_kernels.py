@@ -18,7 +18,6 @@ convolution kernels themselves. Needs torch; not a dependency of jaxcls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -31,6 +30,7 @@ from jax import lax
 import torch
 
 from jaxcls.cpu import conv, onednn
+from jaxcls.cli import common
 
 # (name, input side as a fraction of the image side, in, out, kernel, stride, count)
 SHAPES = [
@@ -97,7 +97,7 @@ def _interleaved_medians(fns, rounds: int, warmup: int = 3) -> list[float]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark conv-kernels",
+  parser = common.Parser(prog="python -m jaxcls.benchmark conv-kernels",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=128)

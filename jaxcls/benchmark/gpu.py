@@ -17,12 +17,13 @@ minute; drawing 3,000 images takes about half a minute on a few cores).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
+
+from jaxcls.cli import common
 
 H200_DENSE_BF16_FLOPS = 989e12  # NVIDIA's figure for the H200 SXM, without sparsity.
 RESNET50_TRAIN_FLOP_PER_IMAGE = 24.7e9  # 3 × ResNet-50's forward pass at 224 px.
@@ -46,7 +47,7 @@ def _config(args, source: str = ""):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark gpu",
+  parser = common.Parser(prog="python -m jaxcls.benchmark gpu",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--model", default="resnet50")
@@ -63,7 +64,6 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
   from jaxcls.benchmark import step as step_benchmark
-  from jaxcls.cli import common
   if args.compilation_cache:
     common.enable_compilation_cache(args.compilation_cache)
   started = time.perf_counter()

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from jaxcls.benchmark import REPO_ROOT, uncached_environment
 from jaxcls.cli import common
 
 
@@ -95,16 +96,13 @@ def first_answer(workdir: str, image: str,
   """(wall seconds from launch to the first stdout line, CPU seconds of the whole process)
   for `jaxcls-predict` on one image. CPU time varies less than wall time on a
   machine shared with other work."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXCLS_COMPILATION_CACHE")}
+  env = uncached_environment()
   command = [sys.executable, "-m", "jaxcls.cli.predict", "--workdir", workdir, image,
              *cache_args]
   cpu_before = _children_cpu_seconds()
   start = time.perf_counter()
-  # `-m` puts the working folder first on sys.path: run where this jaxcls lives.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env, cwd=root)
+                          text=True, env=env, cwd=REPO_ROOT)
   line = proc.stdout.readline()
   seconds = time.perf_counter() - start
   _, err = proc.communicate()

@@ -8,18 +8,17 @@ the evaluation pass (decode → preprocess → model, as training evaluates) and
 (figures, thumbnails, HTML). Prints the figures; asserts nothing.
 """
 
-import argparse
 import logging
 import os
 import tempfile
 import time
 
-# The repository (configs/ is not part of the installed package).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxcls.benchmark import REPO_ROOT
+from jaxcls.cli import common
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark report-speed",
+  parser = common.Parser(prog="python -m jaxcls.benchmark report-speed",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--per-class", type=int, default=1250)
   parser.add_argument("--image-size", type=int, default=64)
@@ -28,9 +27,8 @@ def main(argv=None) -> int:
   logging.getLogger("absl").setLevel(logging.ERROR)
   import jax
   from jaxcls import report, train
-  from jaxcls.cli import common
 
-  config = common.load_config(os.path.join(ROOT, "configs", "demo.py"))
+  config = common.load_config(os.path.join(REPO_ROOT, "configs", "demo.py"))
   config.data.generated_per_class = args.per_class
   config.data.image_size = args.image_size
   config.data.val_fraction = 0.8

@@ -47,11 +47,11 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxcls.benchmark import REPO_ROOT, uncached_environment
 from jaxcls.benchmark.loader import write_photo_jpegs
 from jaxcls.benchmark.predict import workdir_or_random
 from jaxcls.cli import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_DEADLINE_S = 600
 
 
@@ -72,11 +72,10 @@ def start_server(workdir: str, scratch: str, args) -> tuple[subprocess.Popen, st
              "0", "--no-access-log", "--batch-sizes", ",".join(map(str, args.sizes)),
              "--max-wait-ms", str(args.max_wait_ms),
              "--compilation-cache", os.path.join(scratch, "cache")]
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_COMPILATION_CACHE_DIR", "JAXCLS_COMPILATION_CACHE")}
+  env = uncached_environment()
   start = time.perf_counter()
   with open(os.path.join(scratch, "server.log"), "w") as log:
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=log)
   lines = queue.Queue()
   threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()

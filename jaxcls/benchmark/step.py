@@ -90,10 +90,11 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
                        devices=None) -> dict:
   """Compile time, FLOPs per image and images/sec of the training step for `config`.
 
-  Returns a dict: `compile_s` (lowering + XLA compilation of the first step; small when
-  the persistent compilation cache already holds it), `init_s`, `step_flops_per_image`,
-  `step_images_per_sec` (median over `steps` timed steps after `warmup`),
-  `step_ms_median`, `achieved_gflops`.
+  Returns a dict with, among others: `compile_s` (lowering + XLA compilation of the
+  first step; small when the persistent compilation cache already holds it), `init_s`,
+  `step_flops_per_image`, `step_images_per_sec` (median over `steps` timed steps after
+  `warmup`), `step_ms_median`/`step_ms_min`, `step_cpu_s_median`, `achieved_gflops`,
+  `loss_finite` and `cpu_fast_convolutions` (whether oneDNN's convolutions ran).
   """
   from jaxcls import train
   from jaxcls.steps import compiled_flops

@@ -13,13 +13,14 @@ median step time and images/sec. Not a dependency of jaxcls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch  # This benchmark only: `python -m jaxcls.benchmark torch-resnet18`.
 from torch import nn
+
+from jaxcls.cli import common
 
 
 class BasicBlock(nn.Module):
@@ -103,7 +104,7 @@ def measure(steps: int = 10, warmup: int = 2, image_size: int = 128,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxcls.benchmark torch-resnet18",
+  parser = common.Parser(prog="python -m jaxcls.benchmark torch-resnet18",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)

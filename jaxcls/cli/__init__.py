@@ -7,6 +7,7 @@
 | `jaxcls-export` | export.py |
 | `jaxcls-report` | report.py |
 | `jaxcls-evaluate` | evaluate.py |
+| `jaxcls-serve` | serve.py |
 | `jaxcls-inspect` | inspect.py |
 | `jaxcls-pretrained import` | pretrained.py |
 | `python -m jaxcls.benchmark`, `jaxcls-benchmark` | benchmark.py |

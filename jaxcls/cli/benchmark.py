@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX; may re-execute. The train-step benchmarks run as training does (huge
   # pages); the others, PyTorch's side of the comparison among them, as they are.
   common.configure_process(tune_allocator=name in TUNED)
-  return importlib.import_module(COMMANDS[name]).main(argv) or 0
+  benchmark = importlib.import_module(COMMANDS[name])
+  return common.run(lambda: benchmark.main(argv))
 
 
 def cli() -> None:

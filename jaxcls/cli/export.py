@@ -18,6 +18,8 @@ from typing import Sequence
 from jaxcls.cli import common
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# jaxcls.serve.export.DEFAULT_PLATFORMS, restated so that --help imports no JAX (a test
+# keeps the two equal).
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 FORMATS = ("jax", "onnx")
 

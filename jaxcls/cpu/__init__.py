@@ -21,9 +21,9 @@ too: `configure_process()` adds jaxcls's XLA:CPU option (`xla_flags.py`) and re-
 training and benchmark commands with huge-page allocation where that helps
 (`allocator.py`). `import jaxcls` sets nothing.
 
-This package is the only place that knows about CPU kernels. Without it jaxcls works,
-slower: `steps.apply_model` would call `model.apply` directly and `cli/common.py` would
-skip `configure_process()` (docs/cpu.md).
+This package is the only place that knows about CPU kernels. Deleted, with its two call
+sites (`steps.apply_model` then calls `model.apply` directly, `cli/common.py` skips
+`configure_process()`), jaxcls works, slower (docs/cpu.md; tested).
 """
 
 from __future__ import annotations

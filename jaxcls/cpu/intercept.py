@@ -11,7 +11,7 @@ import jax
 
 from jaxcls.cpu import batch_norm, conv, max_pool, onednn, switch
 
-ONEDNN_TARGET_PREFIX = "jaxcls_onednn_conv_"
+ONEDNN_TARGET_PREFIX = onednn.TARGET_PREFIX
 
 
 def active() -> bool:
@@ -59,7 +59,7 @@ class Accelerated:
 
 
 def accelerate(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`apply_fn` with jaxcls's CPU layers (see the module docstring)."""
+  """`apply_fn` with jaxcls's CPU layers (listed in the `jaxcls.cpu` docstring)."""
   if isinstance(apply_fn, Accelerated):
     return apply_fn
   return Accelerated(apply_fn)

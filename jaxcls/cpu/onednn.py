@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 RUNTIME_PACKAGE = "onednn-cpu-gomp"
 TARGETS = ("forward", "backward_data", "backward_weights")
+TARGET_PREFIX = "jaxcls_onednn_conv_"  # The handlers' symbols in onednn_conv.cc.
 _reason: str | None = None
 
 
@@ -113,9 +114,8 @@ def _library() -> ctypes.CDLL | None:
     except OSError:  # A cached build that does not load here (e.g. another host's).
       library = ctypes.CDLL(str(_build(runtime, rebuild=True)))
     for target in TARGETS:
-      jax.ffi.register_ffi_target(f"jaxcls_onednn_conv_{target}",
-                                  jax.ffi.pycapsule(getattr(library,
-                                                            f"jaxcls_onednn_conv_{target}")),
+      name = TARGET_PREFIX + target
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                   platform="cpu")
     library.jaxcls_onednn_conv_supported.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     library.jaxcls_onednn_conv_supported.restype = ctypes.c_int
@@ -166,7 +166,7 @@ def _out_shape(g):
 def _call(target, shape, a, b, g):
   attrs = dict(zip(("stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left",
                     "pad_right"), (np.int64(v) for v in g[7:])))
-  return jax.ffi.ffi_call(f"jaxcls_onednn_conv_{target}",
+  return jax.ffi.ffi_call(TARGET_PREFIX + target,
                           jax.ShapeDtypeStruct(shape, np.float32),
                           vmap_method="sequential")(a, b, **attrs)
 

@@ -28,7 +28,7 @@ from jaxcls.serve import predictor as predict_lib
 
 FORMAT = "jaxcls-export"
 FORMAT_VERSION = 1
-DEFAULT_PLATFORMS = ("cpu", "cuda")  # Also the command line's default.
+DEFAULT_PLATFORMS = ("cpu", "cuda")  # Also jaxcls-export's default.
 METADATA_SUFFIX = ".json"
 
 PREPROCESSING = {

@@ -152,59 +152,20 @@ def test_a_registered_user_model_gets_the_cpu_layers(monkeypatch):
   assert "select_and_scatter" not in lowered.as_text()  # jaxcls.cpu's max-pool gradient.
 
 
-USER_CONFIG = '''
-"""A user's own model in a user's own config file."""
-import flax.linen as nn
-import jax.numpy as jnp
-
-import jaxcls.models
-from jaxcls.config import base_config
-
-
-class TinyNet(nn.Module):
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    for width in (8, 16):
-      x = nn.Conv(width, (3, 3), use_bias=False)(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                               axis_name=self.axis_name if train else None)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return jnp.mean(x, axis=(1, 2))
-
-
-@jaxcls.models.register("tiny_net")
-def tiny_net(model_config, dtype, axis_name):
-  return TinyNet(axis_name=axis_name)
-
-
-def get_config():
-  config = base_config()
-  config.data.source = "folder:{data}"
-  config.data.image_size = 16
-  config.model.name = "tiny_net"
-  config.batch_size = 16
-  config.num_epochs = 2
-  config.train.progress_bar = False
-  config.train.log_images = 0
-  return config
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not onednn.available(), reason="oneDNN unavailable")
-def test_a_user_model_in_its_own_config_file_trains_and_runs_onednn(shapes_dir, tmp_path):
-  recipe = tmp_path / "my_recipe.py"
-  recipe.write_text(USER_CONFIG.replace("{data}", shapes_dir))
+def test_a_user_model_in_its_own_config_file_trains_and_runs_onednn(tmp_path):
+  """examples/my_model.py: a plain-flax backbone registered in the user's recipe file."""
+  recipe = os.path.join(ROOT, "examples", "my_model.py")
   env = {**os.environ, "PYTHONPATH": ROOT}
   trained = subprocess.run([sys.executable, os.path.join(ROOT, "run_train.py"),
-                            "--config", str(recipe), "--workdir", str(tmp_path / "w")],
+                            "--config", recipe, "--workdir", str(tmp_path / "w"),
+                            "--config.train.progress_bar=false"],
                            capture_output=True, text=True, timeout=600, env=env)
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert re.search(r"Done: epoch 2, val accuracy \d\.\d{4}", trained.stdout)
   measured = subprocess.run([sys.executable, "-m", "jaxcls.benchmark", "step", "--config",
-                             str(recipe), "--steps", "1", "--warmup", "1"],
+                             recipe, "--steps", "1", "--warmup", "1"],
                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert measured.returncode == 0, measured.stderr[-3000:]
   result = json.loads(measured.stdout.strip().splitlines()[-1])
@@ -251,10 +212,20 @@ def test_without_the_cpu_package_jaxcls_still_trains(tmp_path, shapes_dir):
 def test_importing_jaxcls_sets_no_process_option():
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "JAXCLS_XLA_DEFAULTS")}
-  code = ("import os, json; before = dict(os.environ); import jaxcls, jaxcls.train, "
-          "jaxcls.serve, jaxcls.cpu.intercept; import jax; jax.numpy.ones(1).block_until_ready(); "
-          "print(json.dumps([k for k in set(before) | set(os.environ) "
-          "if before.get(k) != os.environ.get(k)]))")
+  # JAX sets a few variables when it loads: import it first, so that only jaxcls's own
+  # changes (by any of its modules, and by a CPU computation) would show.
+  code = textwrap.dedent("""
+      import importlib, json, os, pkgutil
+      import jax, jaxcls
+      before = dict(os.environ)
+      skip = ("__main__", "conv_kernels", "torch_resnet18")  # The last two need torch.
+      for module in pkgutil.walk_packages(jaxcls.__path__, "jaxcls."):
+        if not module.name.endswith(skip):
+          importlib.import_module(module.name)
+      jax.numpy.ones(1).block_until_ready()
+      print(json.dumps(sorted(k for k in set(before) | set(os.environ)
+                              if before.get(k) != os.environ.get(k))))
+  """)
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                        text=True, check=True, cwd=ROOT).stdout
   assert json.loads(out.strip().splitlines()[-1]) == []

@@ -102,3 +102,8 @@ def test_bad_arguments_exit_2(predict_workdir, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "unknown ['gpu']" in err and "No checkpoints" in err
   assert not os.path.exists(out)
+
+
+def test_the_command_line_default_platforms_are_the_librarys():
+  assert export_cli.DEFAULT_PLATFORMS == export_lib.DEFAULT_PLATFORMS
+  assert export_cli.build_parser().format_help().count("cpu,cuda") == 1
