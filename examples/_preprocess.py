@@ -2,6 +2,8 @@
 the example programs next to this file; tests/serve/test_onnx_export.py checks that it
 gives the same bytes as `jaxcls.data.preprocess.load_image`."""
 
+import warnings
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -28,7 +30,10 @@ def to_rgb(img):
 
 def load(path, size):
   """uint8 [size, size, 3]: upright, RGB, shorter side resized to `size`, centre crop."""
-  img = Image.open(path)
+  with warnings.catch_warnings():
+    # Refused, as jaxcls refuses it: an image over Pillow's decompression-bomb limit.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    img = Image.open(path)
   if img.format == "JPEG":
     img.draft("RGB", (size, size))  # Decode at reduced scale, exactly as training did.
   img.load()
@@ -45,7 +50,8 @@ def load_all(paths, size):
     try:
       images.append(load(path, size))
       loaded.append(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
       errors[path] = f"cannot read: {e}"
   stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
   return loaded, stacked, errors

@@ -9,7 +9,7 @@ file.
 
 Prints one JSON object per image: its path, the most probable class and the
 probability of every class (or the path and an error). Exits with 1 if any image could
-not be read.
+not be read, 2 if the model cannot be used.
 """
 
 import json
@@ -21,11 +21,23 @@ import numpy as np
 from _preprocess import load_all
 
 
-def main(model_path, image_paths, batch_size=64):
-  with open(model_path, "rb") as f:
-    model = jax.export.deserialize(bytearray(f.read()))
+def open_model(model_path):
+  """(the deserialized model, the metadata jaxcls wrote beside it in MODEL.json)."""
   with open(model_path + ".json") as f:
     meta = json.load(f)
+  if "class_names" not in meta or "image_size" not in meta:
+    raise ValueError(f"{model_path}.json has no class_names and image_size; write the "
+                     "model with jaxcls-export.")
+  with open(model_path, "rb") as f:
+    return jax.export.deserialize(bytearray(f.read())), meta
+
+
+def main(model_path, image_paths, batch_size=64):
+  try:
+    model, meta = open_model(model_path)
+  except Exception as e:  # noqa: BLE001 - a missing file, bad JSON, not a jax.export file.
+    print(f"error: cannot use {model_path}: {e}", file=sys.stderr)
+    return 2
   classes, size = meta["class_names"], meta["image_size"]
   failed = 0
   for start in range(0, len(image_paths), batch_size):

@@ -80,8 +80,20 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False,
         create=not read_only, read_only=read_only, preservation_policy=keep_policy,
         best_fn=ranking_key, best_mode="max", cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save and not read_only)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+    mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_names=("state", "meta"))
+  # Orbax removes leftover temporary folders in a background thread that close() does
+  # not wait for (orbax-checkpoint 0.12.8): a program failing right after this call
+  # exits under it, and the thread prints a traceback. Wait for it here: one listing.
+  if not read_only:
+    _await_startup_cleanup(mngr)
+  return mngr
+
+
+def _await_startup_cleanup(mngr: ocp.CheckpointManager) -> None:
+  wait = getattr(mngr, "_maybe_await_cleanup_tmp_directory", None)
+  if wait is not None:  # A private method: absent in another version, skip the wait.
+    wait()
 
 
 def latest_complete_step(workdir: str) -> int | None:

@@ -114,6 +114,19 @@ def test_an_unknown_class_folder_is_named_before_anything_is_decoded(
       "those class folders to the model's names or remove them.")
 
 
+def test_an_unknown_class_error_of_an_imagenet_model_stays_one_short_line():
+  from jaxcls.data.sources.held_out import class_mapping
+  model_classes = [f"class_{i}" for i in range(1000)]
+  with pytest.raises(sources.DataError) as raised:
+    class_mapping(["cat", "dog", "class_7"], model_classes, "folder:pets")
+  assert str(raised.value) == (
+      "data 'folder:pets' holds classes the model was not trained on: 'cat', 'dog'. The "
+      "model knows 'class_0', 'class_1', 'class_2', 'class_3', 'class_4', 'class_5', "
+      "'class_6', 'class_7', … (1000 in all); labels are matched by class name, so rename "
+      "those class folders to the model's names or remove them.")
+  assert class_mapping(["class_7", "class_999"], model_classes, "folder:pets") == (7, 999)
+
+
 @pytest.mark.parametrize("spec, split, message", [
     ("folder:{dir}", "test", "data 'folder:{dir}' is evaluated whole; a split ('test') "
                              "applies only to tfds: sets. Leave the split out."),

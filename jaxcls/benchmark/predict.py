@@ -71,7 +71,6 @@ def write_random_workdir(workdir: str, config, class_names: Sequence[str],
       config=config.to_dict(), class_names=tuple(class_names), step=step, epoch=1))
   mngr.wait_until_finished()
   mngr.close()
-  mngr.close()
 
 
 def write_images(folder: str, count: int, size=(500, 375)) -> list[str]:

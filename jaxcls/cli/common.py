@@ -159,6 +159,12 @@ def setup_logging() -> None:
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax", "orbax", "httpx2"):  # httpx2: huggingface_hub's requests.
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # huggingface_hub has a handler of its own and propagates too (each line twice), and
+  # warns at every retry of a failed connection: jaxcls says what it fetches and, if that
+  # fails, one error line.
+  hub_logger = logging.getLogger("huggingface_hub")
+  hub_logger.setLevel(logging.ERROR)
+  hub_logger.propagate = False
   # Libraries that read absl flags (grain's multiprocessing) find them parsed.
   from absl import flags
   if not flags.FLAGS.is_parsed():

@@ -132,6 +132,9 @@ def _log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s:    %(message)s"))
     logger.addHandler(handler)
   logger.setLevel(logging.INFO)
+  # Not also through the root logger, which a library (absl, through JAX) may have given
+  # a handler of its own: each message once.
+  logger.propagate = False
 
 
 def _serve(argv) -> int:

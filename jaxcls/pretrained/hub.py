@@ -66,8 +66,12 @@ def _cached_or_downloaded(spec: str, repo_id: str, revision: str | None,
     raise WeightsError(f"'{spec}' is not a hub repository name ({_one_line(e)}); timm's "
                        "look like hf-hub:timm/resnet50.tv2_in1k.") from None
   from huggingface_hub import constants
-  log.info("%s: %s is not in the cache; downloading it from %s into %s", spec, filename,
-           constants.ENDPOINT, cache_folder(repo_id))
+  if constants.HF_HUB_OFFLINE:  # What hf_hub_download would say, without the request.
+    raise _download_error(spec, repo_id, revision, filename,
+                          LocalEntryNotFoundError("HF_HUB_OFFLINE is set"))
+  log.info("%s: %s is not in the cache; downloading it from %s into %s (a failed "
+           "connection is retried 5 times)", spec, filename, constants.ENDPOINT,
+           cache_folder(repo_id))
   try:
     return hf_hub_download(repo_id, filename, revision=revision)
   except OSError as e:  # Every error huggingface_hub raises for a download.

@@ -66,6 +66,20 @@ def test_training_with_an_unknown_key_prints_one_error_line_and_exits_2(tmp_path
   assert not (tmp_path / "w").exists()  # Nothing was started.
 
 
+@pytest.mark.slow
+def test_training_that_fails_while_preparing_prints_only_its_error(tmp_path, shapes_dir):
+  """Orbax's start-up thread once printed a traceback after the error (a race)."""
+  result = _run([sys.executable, "run_train.py", "--config", DEMO,
+                 "--workdir", str(tmp_path / "w"), f"--config.data.source=folder:{shapes_dir}",
+                 "--config.init_from=/nonexistent", "--config.train.progress_bar=false"])
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      "error: init_from='/nonexistent' cannot be used: No checkpoints in '/nonexistent'.")
+  assert result.stderr.strip().endswith(errors[0]), result.stderr  # Nothing after it.
+  assert "Traceback" not in result.stderr
+
+
 TRAIN_FLAGS = ("--config", "--workdir", "--resume", "--distributed",
                "--coordinator-address", "--num-processes", "--process-id")
 
@@ -138,7 +152,8 @@ def test_programs_fail_with_one_error_line_and_status_2(args, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("module, program", [
     ("jaxcls.evaluate", "jaxcls-evaluate"), ("jaxcls.predict", "jaxcls-predict"),
-    ("jaxcls.report", "jaxcls-report"), ("jaxcls.pretrained", "jaxcls-pretrained")])
+    ("jaxcls.report", "jaxcls-report"), ("jaxcls.pretrained", "jaxcls-pretrained"),
+    ("jaxcls.serve", "jaxcls-serve"), ("jaxcls.export", "jaxcls-export")])
 def test_python_dash_m_forms_are_the_same_programs(module, program):
   ours = _run([sys.executable, "-m", module, "--help"])
   theirs = _run([os.path.join(BIN, program), "--help"])

@@ -94,6 +94,22 @@ def test_program_without_jaxcls_flax_or_optax_matches_predictor(
       assert abs(row["probabilities"][name] - want.probabilities[name]) <= TINY_CNN_FORWARD
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["missing", "not a jax.export file"])
+def test_program_refuses_a_model_it_cannot_use(exported_file, tmp_path, problem):
+  model = str(tmp_path / "model.jaxexport")
+  if problem != "missing":
+    with open(model, "wb") as f:
+      f.write(b"\x00" * 64)  # Fails as an ONNX file given by mistake does.
+    with open(exported_file + ".json") as src, open(model + ".json", "w") as dst:
+      dst.write(src.read())
+  code, rows, stderr = run_blocked(PROGRAM, [model, os.path.join(REPO, "README.md")],
+                                   JAXCLS_AND_FRIENDS, tmp_path)
+  assert code == 2 and rows == []
+  assert stderr.startswith(f"error: cannot use {model}: ") and "Traceback" not in stderr
+  assert len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_bad_arguments_exit_2(predict_workdir, tmp_path, capsys):
   out = str(tmp_path / "m.jaxexport")
   assert export_cli.main(["--workdir", predict_workdir, "--out", out,

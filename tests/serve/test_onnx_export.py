@@ -159,6 +159,17 @@ def test_example_preprocessing_is_jaxcls_byte_for_byte(tmp_path, shapes_dir):
                                     preprocess.load_image(path, size), err_msg=path)
 
 
+def test_example_refuses_what_jaxcls_refuses_as_a_decompression_bomb(tmp_path, monkeypatch):
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above, as jaxcls.
+  path = str(tmp_path / "bomb.png")
+  Image.new("L", (40, 30)).save(path)  # 1,200 pixels: over the limit, under twice it.
+  with pytest.raises(preprocess.ImageError, match="decompression bomb"):
+    preprocess.load_image(path, 16)
+  loaded, images, errors = _example_preprocess().load_all([path], 16)
+  assert loaded == [] and images.shape == (0, 16, 16, 3)
+  assert errors[path].startswith("cannot read: Image size (1200 pixels) exceeds limit")
+
+
 @pytest.mark.slow
 def test_program_without_jax_matches_the_predictor(onnx_file, predictor, shapes_dir,
                                                    tmp_path):

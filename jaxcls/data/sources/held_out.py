@@ -90,10 +90,16 @@ def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str],
   if unknown:
     raise DataError(
         f"data '{spec}' holds classes the model was not trained on: "
-        f"{', '.join(repr(n) for n in unknown)}. The model knows "
-        f"{', '.join(repr(n) for n in model_classes)}; labels are matched by class name, "
-        "so rename those class folders to the model's names or remove them.")
+        f"{_first_few(unknown)}. The model knows {_first_few(model_classes)}; labels are "
+        "matched by class name, so rename those class folders to the model's names or "
+        "remove them.")
   return tuple(model_classes.index(name) for name in data_classes)
+
+
+def _first_few(names: Sequence[str], shown: int = 8) -> str:
+  """Names for one error line: an ImageNet model knows 1,000."""
+  listed = ", ".join(repr(n) for n in names[:shown])
+  return listed if len(names) <= shown else f"{listed}, … ({len(names)} in all)"
 
 
 def _kind(spec: str, split: str | None) -> tuple[HeldOutKind, str]:
