@@ -6,6 +6,7 @@ with different `num_epochs` follows the same trajectory as the uninterrupted ref
 run, and each piece can be compared with the reference's own checkpoints.
 """
 
+import gc
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import jaxcls
 from numerics import assert_normwise_close, displacement, tiny_cnn_training
 from conftest import tiny_config
 from jaxcls import checkpoint, metric_writers, parallel, resume, steps, train
+from jaxcls.cli import common
 from jaxcls.cli import predict as predict_cli
 from jaxcls.models import create_model
 from jaxcls.serve import predictor as predict
@@ -386,8 +388,12 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_is_a_clear_error_and_checkpoints_survive(shapes_dir, reference,
-                                                           small_disk):
+                                                           small_disk, monkeypatch):
   ref_workdir, ref_state = reference
+  # What the programs' stderr would get after their error line besides: nothing.
+  leaked = []
+  monkeypatch.setattr(sys, "unraisablehook", leaked.append)
+  common.drop_closed_loop_callbacks()
   workdir = copy_workdir(ref_workdir, str(small_disk / "run"), up_to_step=12)
   good = [x.tobytes() for x in saved_arrays(workdir, 12)]
   # Room for the logs of a step or two, not for a checkpoint (about 160 KB).
@@ -407,6 +413,8 @@ def test_full_disk_is_a_clear_error_and_checkpoints_survive(shapes_dir, referenc
   state, final = train.train_and_evaluate(config, workdir)
   assert final.final_step == 18
   assert_states_identical(state, ref_state)
+  gc.collect()
+  assert [f"{type(u.exc_value).__name__}: {u.exc_value}" for u in leaked] == []
 
 
 def test_unwritable_workdir_is_a_clear_error_and_checkpoints_survive(

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
 from jaxcls.errors import JaxclsError
@@ -144,6 +145,7 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()):
 
 def run(main: Callable[[], int | None]) -> int:
   """Calls `main`; turns the errors a user can fix into `error: ...` and status 2."""
+  drop_closed_loop_callbacks()
   try:
     return main() or 0
   except JaxclsError as e:
@@ -152,6 +154,37 @@ def run(main: Callable[[], int | None]) -> int:
   except KeyboardInterrupt:
     print("error: interrupted.", file=sys.stderr)
     return 130
+
+
+def drop_closed_loop_callbacks() -> None:
+  """Keeps one known race from printing tracebacks after a program's `error:` line.
+
+  When a checkpoint write fails (a full disk), Orbax closes the event loop that awaited
+  its TensorStore writes while others are still running; each that finishes later calls
+  the closed loop's `call_soon_threadsafe` from a TensorStore thread, and Python prints
+  the RuntimeError as an unraisable exception, a bare traceback each (22 in one test
+  run). The error was already reported and the checkpoints are intact, so programs drop
+  exactly these; every other unraisable exception reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  error = unraisable.exc_value
+  if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+    return False
+  return any(frame.name == "call_soon_threadsafe"
+             and frame.filename.endswith(os.path.join("asyncio", "base_events.py"))
+             for frame in traceback.extract_tb(unraisable.exc_traceback))
 
 
 def setup_logging() -> None:

@@ -1,6 +1,8 @@
 """The command-line programs: one flag style, --help that lists every flag, config
 overrides read as their key's type, and one way of failing (one `error:` line, exit 2)."""
 
+import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -78,6 +80,29 @@ def test_training_that_fails_while_preparing_prints_only_its_error(tmp_path, sha
       "error: init_from='/nonexistent' cannot be used: No checkpoints in '/nonexistent'.")
   assert result.stderr.strip().endswith(errors[0]), result.stderr  # Nothing after it.
   assert "Traceback" not in result.stderr
+
+
+def test_programs_drop_only_the_closed_event_loop_callbacks_of_a_failed_save(monkeypatch):
+  """A real unraisable RuntimeError from a closed loop's call_soon_threadsafe is dropped;
+  any other unraisable exception still reaches the previous hook."""
+  reached = []
+  monkeypatch.setattr(sys, "unraisablehook", reached.append)
+  common.drop_closed_loop_callbacks()
+  common.drop_closed_loop_callbacks()  # Once is enough: no second wrapper.
+  closed = asyncio.new_event_loop()
+  closed.close()
+
+  class LateCallback:
+    def __init__(self, call):
+      self.call = call
+
+    def __del__(self):
+      self.call()
+
+  LateCallback(lambda: closed.call_soon_threadsafe(print))  # Unraisable at once.
+  LateCallback(lambda: int("x"))
+  gc.collect()
+  assert [type(u.exc_value) for u in reached] == [ValueError]
 
 
 TRAIN_FLAGS = ("--config", "--workdir", "--resume", "--distributed",
