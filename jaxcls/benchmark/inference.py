@@ -96,10 +96,7 @@ def _decode_rate(paths: Sequence[str], image_size: int) -> tuple[np.ndarray, flo
 def build_parser() -> common.Parser:
   parser = common.Parser(prog="python -m jaxcls.benchmark inference",
                          description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default=None,
-                      help="A trained workdir (default: the catdog model, random weights).")
-  parser.add_argument("--image-size", type=int, default=128)
-  parser.add_argument("--widths", default="32,64,128,256")
+  predict_benchmark.add_model_flags(parser)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   return parser

@@ -167,6 +167,14 @@ def model_config(image_size: int, widths: tuple[int, ...]):
   return config
 
 
+def add_model_flags(parser: common.Parser) -> None:
+  """The flags `workdir_or_random` reads."""
+  parser.add_argument("--workdir", default=None,
+                      help="A trained workdir (default: the catdog model, random weights).")
+  parser.add_argument("--image-size", type=common.positive_int, default=128)
+  parser.add_argument("--widths", default="32,64,128,256")
+
+
 def workdir_or_random(args, scratch: str) -> str:
   """`--workdir`, or a random-weights workdir of the `--widths` CNN at `--image-size`
   written under `scratch` (a benchmark needs speed, not accuracy)."""
@@ -204,10 +212,7 @@ def _report(info: dict, cold: dict | None, warm: dict) -> str:
 def build_parser() -> common.Parser:
   parser = common.Parser(prog="python -m jaxcls.benchmark predict",
                          description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default=None,
-                      help="A trained workdir (default: the catdog model, random weights).")
-  parser.add_argument("--image-size", type=int, default=128)
-  parser.add_argument("--widths", default="32,64,128,256")
+  add_model_flags(parser)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--skip-cold", action="store_true", help="Skip the cold-start runs.")

@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxcls.benchmark import REPO_ROOT, uncached_environment
 from jaxcls.benchmark.loader import write_photo_jpegs
-from jaxcls.benchmark.predict import workdir_or_random
+from jaxcls.benchmark.predict import add_model_flags, workdir_or_random
 from jaxcls.cli import common
 
 STARTUP_DEADLINE_S = 600
@@ -171,10 +171,7 @@ def predictor_rate(workdir: str, images: list[bytes], batch: int,
 def build_parser() -> common.Parser:
   parser = common.Parser(prog="python -m jaxcls.benchmark serve",
                          description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", default=None,
-                      help="A trained workdir (default: the catdog model, random weights).")
-  parser.add_argument("--image-size", type=common.positive_int, default=128)
-  parser.add_argument("--widths", default="32,64,128,256")
+  add_model_flags(parser)
   parser.add_argument("--concurrency", default="1,8,32",
                       help="Concurrent clients, comma-separated (default 1,8,32).")
   parser.add_argument("--requests", type=common.positive_int, default=320,
