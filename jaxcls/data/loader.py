@@ -15,6 +15,9 @@ shards it over the devices.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import threading
 from typing import Iterator, Sequence
 
 import grain
@@ -23,22 +26,54 @@ import numpy as np
 from jaxcls.data import preprocess
 
 
-def _load_rows(source, indices: Sequence[int], image_size: int) -> dict:
+# Decode threads shared by every loader of the process, one pool per size: a batch's
+# images are decoded side by side (PIL releases the GIL while it decodes and resizes),
+# so a large batch uses every core, not one.
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def decode_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """The process's pool of `workers` decode threads (created on first use)."""
+  with _POOLS_LOCK:
+    if workers not in _POOLS:
+      _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
+          workers, thread_name_prefix="jaxcls-decode")
+    return _POOLS[workers]
+
+
+def _load_row(source, index: int, image_size: int) -> tuple[np.ndarray, int]:
+  record = None
+  try:
+    record = source[int(index)]
+    # A cached source (jaxcls.data.cache) hands back the preprocessed image.
+    image = (record["image"] if "image" in record
+             else preprocess.load_image(record["data"], image_size))
+  except preprocess.ImageError as e:
+    name = record["path"] if record else e.name
+    raise preprocess.ImageError(name, e.reason + " (the file changed after it was "
+                                "verified; run again to re-verify)") from None
+  return image, record["label"]
+
+
+def _load_rows(source, indices: Sequence[int], image_size: int, workers: int = 1) -> dict:
+  """The rows `indices` of `source`, decoded by `workers` threads; the same arrays
+  whatever the thread count (each row depends on its index only)."""
   images = np.empty((len(indices), image_size, image_size, 3), np.uint8)
   labels = np.empty((len(indices),), np.int32)
-  for row, index in enumerate(indices):
-    record = None
-    try:
-      record = source[int(index)]
-      # A cached source (jaxcls.data.cache) hands back the preprocessed image.
-      images[row] = (record["image"] if "image" in record
-                     else preprocess.load_image(record["data"], image_size))
-    except preprocess.ImageError as e:
-      name = record["path"] if record else e.name
-      raise preprocess.ImageError(name, e.reason + " (the file changed after it was "
-                                  "verified; run again to re-verify)") from None
-    labels[row] = record["label"]
+  load = functools.partial(_load_row, source, image_size=image_size)
+  rows = (map(load, indices) if workers <= 1 or len(indices) <= 1
+          else decode_pool(workers).map(load, indices))
+  for row, (image, label) in enumerate(rows):
+    images[row], labels[row] = image, label
   return {"image": images, "label": labels, "mask": np.ones((len(indices),), bool)}
+
+
+def _read_options(workers: int, local_batch: int) -> grain.ReadOptions:
+  """Batches in flight: enough that every decode thread has a row to work on, plus one
+  being handed over; each batch is decoded by the shared pool, not by its grain thread."""
+  in_flight = max(1, min(-(-workers // max(1, local_batch)) + 1, workers, 16))
+  return grain.ReadOptions(num_threads=in_flight, prefetch_buffer_size=2 * in_flight)
 
 
 def train_batches(source, *, batch_size: int, image_size: int, seed: int, num_steps: int,
@@ -52,11 +87,11 @@ def train_batches(source, *, batch_size: int, image_size: int, seed: int, num_st
   def batch_for_step(step: int) -> dict:
     epoch, within = divmod(step, steps_per_epoch)
     first = epoch * len(source) + within * batch_size + process_index * local
-    return _load_rows(source, [order[i] for i in range(first, first + local)], image_size)
+    return _load_rows(source, [order[i] for i in range(first, first + local)], image_size,
+                      workers)
 
   steps = grain.MapDataset.range(start_step, num_steps).map(batch_for_step)
-  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=min(2 * workers, 16))
-  return iter(steps.to_iter_dataset(options))
+  return iter(steps.to_iter_dataset(_read_options(workers, local)))
 
 
 def eval_batches(source, *, batch_size: int, image_size: int, workers: int = 1,
@@ -73,7 +108,7 @@ def eval_batches(source, *, batch_size: int, image_size: int, workers: int = 1,
 
   def batch_at(b: int) -> dict:
     chunk = indices[b * local:(b + 1) * local]
-    rows = _load_rows(source, chunk, image_size)
+    rows = _load_rows(source, chunk, image_size, workers)
     pad = local - len(chunk)
     if pad:
       rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
@@ -81,5 +116,4 @@ def eval_batches(source, *, batch_size: int, image_size: int, workers: int = 1,
     return rows
 
   batches = grain.MapDataset.range(num_batches).map(batch_at)
-  options = grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=min(2 * workers, 16))
-  return iter(batches.to_iter_dataset(options))
+  return iter(batches.to_iter_dataset(_read_options(workers, local)))

@@ -1,5 +1,7 @@
 """Loader: order as a pure function of (seed, step), padding, caching, device prefetch."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,37 @@ def test_prefetch_to_devices_lays_batches_out_per_device(shapes_source):
     assert {s.device for s in d["image"].addressable_shards} == set(devices)
     np.testing.assert_array_equal(np.asarray(d["image"]).reshape(h["image"].shape),
                                   h["image"])
+
+
+class _ThreadRecordingSource:
+  """The wrapped source, noting which thread read each example."""
+
+  def __init__(self, source):
+    self.source, self.threads = source, []
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.threads.append(threading.current_thread().name)
+    return self.source[index]
+
+
+def test_a_batch_is_decoded_by_the_shared_pool_and_is_the_same_for_any_pool_size(
+    shapes_source):
+  kwargs = dict(batch_size=16, image_size=16, seed=3, num_steps=9)
+  one_thread = _labels_and_pixels(loader.train_batches(shapes_source, workers=1, **kwargs))
+  recording = _ThreadRecordingSource(shapes_source)
+  pooled = _labels_and_pixels(loader.train_batches(recording, workers=3, **kwargs))
+  # Every image of every batch was read by a decode thread, not by grain's batch thread.
+  assert len(recording.threads) == 9 * 16
+  assert all(name.startswith("jaxcls-decode") for name in recording.threads)
+  assert loader.decode_pool(3)._max_workers == 3  # pylint: disable=protected-access
+  for (la, ia), (lb, ib) in zip(one_thread, pooled, strict=True):
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(ia, ib)
+  evaluated = [list(loader.eval_batches(shapes_source, batch_size=32, image_size=16,
+                                        workers=w)) for w in (1, 3)]
+  for a, b in zip(*evaluated, strict=True):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(a[key], b[key])

@@ -255,3 +255,24 @@ def test_unknown_source_kind_lists_the_kinds(make_config):
   config = make_config("s3://bucket")
   with pytest.raises(sources.DataError, match="tfds:NAME.*folder:PATH.*zip:PATH"):
     sources.build_dataset(config.data, config.seed)
+
+
+@pytest.mark.parametrize("cpu_max, affinity, expected", [
+    ("max 100000\n", range(8), 8),        # No quota: every CPU of the affinity mask.
+    ("200000 100000\n", range(8), 2),     # Two CPUs' worth of time.
+    ("150000 100000\n", range(8), 2),     # 1.5 CPUs: two threads keep the quota busy.
+    ("50000 100000\n", range(8), 1),      # Half a CPU: still one thread.
+    ("400000 100000\n", (0, 5), 2),       # The affinity mask is the tighter limit.
+    (None, range(6), 6),                  # No cgroup file (not Linux v2): the mask.
+])
+def test_usable_cpu_count_reads_the_affinity_mask_and_the_cgroup_quota(
+    tmp_path, monkeypatch, cpu_max, affinity, expected):
+  path = tmp_path / "cpu.max"
+  if cpu_max is not None:
+    path.write_text(cpu_max)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+  monkeypatch.setattr(sources.base, "CGROUP_CPU_MAX", str(path))
+  monkeypatch.setattr(os, "cpu_count", lambda: 64)  # The machine: never what is usable.
+  assert sources.usable_cpu_count(str(path)) == expected
+  assert sources.worker_count(0) == expected  # data.workers = 0: one per usable CPU.
+  assert sources.worker_count(3) == 3  # An explicit count is kept.

@@ -18,7 +18,7 @@ imported before the config is used (a config file can import it).
 
 from jaxcls.data.sources.base import (IMAGE_EXTENSIONS, KINDS, SKIPPED_FILE, DataError,
                                       Dataset, Source, build_dataset, is_image_name,
-                                      register, worker_count)
+                                      register, usable_cpu_count, worker_count)
 from jaxcls.data.sources.held_out import (HELD_OUT_KINDS, HeldOut, build_held_out,
                                           register_held_out)
 from jaxcls.data.sources.listed import (VERIFY_CACHE_FILE, index_classes, split_fraction,

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -70,9 +71,40 @@ def register(kind: str):
   return wrap
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD".
+
+
+def cgroup_cpu_quota(path: str | None = None) -> float | None:
+  """The CPUs' worth of time the cgroup allows (quota / period), or None without a limit."""
+  try:
+    with open(path or CGROUP_CPU_MAX) as f:
+      quota, period = f.read().split()[:2]
+  except (OSError, ValueError):
+    return None
+  if quota == "max" or float(period) <= 0:
+    return None
+  return float(quota) / float(period)
+
+
+def usable_cpu_count(cpu_max_path: str | None = None) -> int:
+  """The CPUs this process may use: its affinity mask, capped by the cgroup's CPU quota.
+
+  os.cpu_count() counts the machine's cores; a container limited to 4 of 64 would start
+  64 decode threads that then take turns.
+  """
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cpus = os.cpu_count() or 1
+  quota = cgroup_cpu_quota(cpu_max_path)
+  if quota is not None:
+    cpus = min(cpus, max(1, math.ceil(quota)))
+  return max(1, cpus)
+
+
 def worker_count(requested: int = 0) -> int:
-  """Decode threads to use: `requested`, or one per CPU core when it is 0."""
-  return requested or os.cpu_count() or 1
+  """Decode threads to use: `requested`, or one per CPU this process may use when 0."""
+  return requested or usable_cpu_count()
 
 
 def is_image_name(name: str) -> bool:
