@@ -1,12 +1,15 @@
 """Your own backbone in your own recipe file: plain flax, registered by name.
 
     python run_train.py --config examples/my_model.py --workdir /tmp/my_model
+    jaxcls-predict --workdir /tmp/my_model /tmp/my_model/generated_shapes/disc/disc_0000.jpg
     python -m jaxcls.benchmark step --config examples/my_model.py   # "cpu_fast_convolutions": true
 
 Trains on the demo's generated discs and stripes, 16 px, 2 epochs. jaxcls adds the head
 (dropout, `model.num_classes` outputs) on top of the features the backbone returns, and
 on CPUs runs its `nn.Conv` and `nn.BatchNorm` with faster kernels without the model
-knowing (docs/cpu.md). Copy this file to start your own.
+knowing (docs/cpu.md). The run records this file, so every program that loads the
+workdir imports it again to build 'tiny_net' (docs/transfer.md). Copy it to start your
+own.
 """
 
 import flax.linen as nn

@@ -8,7 +8,11 @@ letting it be silently ignored.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import os
+import sys
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -349,3 +353,26 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
 
   merge(config, values, "")
   return config
+
+
+RECIPE_MODULE_PREFIX = "jaxcls_recipe_"  # + the file's stem: how a recipe is imported.
+
+
+def import_recipe(path: str) -> ModuleType:
+  """Runs the recipe (or any Python file) at `path` as the module jaxcls_recipe_STEM.
+
+  Whatever it registers (backbones, data sources) is registered from then on; the
+  module is kept in sys.modules so that its functions' `__module__` names it, which is
+  how a workdir records the file that registered its backbone (jaxcls.workdir).
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  name = RECIPE_MODULE_PREFIX + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # Registries (models, sources) may refer back to it.
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    sys.modules.pop(name, None)
+    raise
+  return module

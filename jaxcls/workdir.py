@@ -13,12 +13,21 @@
 `RunMeta` is the one record of a checkpoint besides the arrays; `load_run` is the one way
 to get a trained model back (Predictor, transfer learning, the report and evaluation all
 use it); `save_checkpoint` is the one way to write one (training and the weights import).
+
+A backbone registered outside jaxcls (in the user's recipe, say) is recorded with every
+checkpoint (`RunMeta.backbone_origin`: the module and file whose import registered it),
+and `load_run` imports that file again when the name is not registered, so every
+program that loads a run builds the model the recipe defined. If the file has moved,
+$JAXCLS_MODEL_FILE names where it is now. Loading a run therefore runs the Python file
+it names: load runs you trust, as you would their recipes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -29,10 +38,12 @@ from jaxcls import checkpoint
 from jaxcls import config as config_lib
 from jaxcls.errors import JaxclsError
 from jaxcls.guards import WorkdirError
-from jaxcls.models import create_model
+from jaxcls.models import BACKBONES, UnknownModelError, create_model
 from jaxcls.steps import create_train_state
 
 CONFIG_FILE = "config.json"
+# A file that registers the run's backbone, for when the one the run recorded has moved.
+MODEL_FILE_ENV = "JAXCLS_MODEL_FILE"
 FORMAT_VERSION = 2  # 1: the untyped dict written before 2026-12 (no "format_version").
 
 
@@ -96,6 +107,8 @@ class RunMeta:
   epoch: int  # Completed epochs at `step`.
   progress: Progress = dataclasses.field(default_factory=Progress)
   imported_from: dict | None = None  # Set by `jaxcls.pretrained` for converted weights.
+  # What registered a backbone from outside jaxcls: {"module", "file"} (`backbone_origin`).
+  backbone_origin: dict | None = None
 
   def to_json(self) -> dict:
     progress = dataclasses.asdict(self.progress)
@@ -103,7 +116,8 @@ class RunMeta:
             "class_names": list(self.class_names), "step": self.step, "epoch": self.epoch,
             # Also at the top level, as version 1 wrote it: older jaxcls reads "metrics".
             "metrics": progress["last_epoch"] or {},
-            "progress": progress, "imported_from": self.imported_from}
+            "progress": progress, "imported_from": self.imported_from,
+            "backbone_origin": self.backbone_origin}
 
   @classmethod
   def from_json(cls, data: dict) -> "RunMeta":
@@ -120,7 +134,8 @@ class RunMeta:
             epoch_sums=EpochSums(**{k: sums[k] for k in ("loss", "accuracy", "steps")
                                     if k in sums}),
             last_epoch=_known_fields(EpochMetrics, last) if last else None),
-        imported_from=data.get("imported_from"))
+        imported_from=data.get("imported_from"),
+        backbone_origin=data.get("backbone_origin"))
 
   def training_config(self) -> ml_collections.ConfigDict:
     """The config the run trained with, on today's schema (renamed keys migrated)."""
@@ -159,7 +174,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def save_checkpoint(mngr, state: Any, meta: RunMeta,
                     val_accuracy: float | None = None) -> None:
-  """Saves `state` with `meta` at `meta.step` (asynchronously where the manager is)."""
+  """Saves `state` with `meta` at `meta.step` (asynchronously where the manager is),
+  recording where a backbone registered outside jaxcls comes from."""
+  if meta.backbone_origin is None:
+    meta = dataclasses.replace(
+        meta, backbone_origin=backbone_origin(meta.config["model"]["name"]))
   checkpoint.save(mngr, meta.step, state, meta.to_json(), val_accuracy=val_accuracy)
 
 
@@ -223,6 +242,7 @@ def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> Loa
     meta = read_meta(mngr, chosen)
     config = meta.training_config()
     _check_weights(weights, config, workdir)
+    register_backbone(config.model.name, meta.backbone_origin, workdir)
     model = create_model(config.model, len(meta.class_names))
     target = jax.eval_shape(lambda: create_train_state(config, model, jax.random.key(0), 1))
     state = checkpoint.restore_state(mngr, chosen, target)
@@ -236,3 +256,79 @@ def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> Loa
   average = ", its weight average" if weights == "ema" else ""
   return LoadedRun(workdir, chosen, meta, config, model, variables,
                    f"the {which} checkpoint: {meta.describe()}{average}")
+
+
+def backbone_origin(name: str) -> dict | None:
+  """Where the backbone registered as `name` is defined, as checkpoints record it:
+  {"module": its module's name, "file": that module's file} for one registered outside
+  jaxcls (a recipe, the user's package); None for jaxcls's own or an unknown name."""
+  build = BACKBONES.get(name)
+  module = getattr(build, "__module__", None) or ""
+  if build is None or module == "jaxcls" or module.startswith("jaxcls."):
+    return None
+  file = getattr(sys.modules.get(module), "__file__", None)
+  return {"module": module, "file": os.path.abspath(file) if file else None}
+
+
+def register_backbone(name: str, origin: dict | None, workdir: str) -> None:
+  """Makes model.name `name` buildable: when it is not registered yet, imports the file
+  that $JAXCLS_MODEL_FILE names, else the module or recipe file `origin` records (the
+  one whose import registered it while the run trained)."""
+  if name in BACKBONES:
+    return
+  fix = (f"set {MODEL_FILE_ENV} to the file that registers it where it is now (e.g. "
+         f"{MODEL_FILE_ENV}=path/to/my_model.py), or import that file before loading "
+         "the run")
+  override = os.environ.get(MODEL_FILE_ENV)
+  if override:
+    if not os.path.isfile(override):
+      raise UnknownModelError(f"{MODEL_FILE_ENV}='{override}' is not a file; point it "
+                              f"at the file that registers model.name '{name}'.")
+    _import_file(name, os.path.abspath(override), fix)
+  elif origin:
+    _import_origin(name, origin, workdir, fix)
+  else:  # Runs written before jaxcls 0.3 record nothing.
+    raise UnknownModelError(
+        f"model.name '{name}' is not a registered model, and the run in '{workdir}' "
+        f"records no file that registers it; {fix}.")
+
+
+def _import_origin(name: str, origin: dict, workdir: str, fix: str) -> None:
+  module, file = origin.get("module") or "", origin.get("file")
+  if module == "__main__":
+    raise UnknownModelError(
+        f"model.name '{name}' was registered by the script {file} run as a program, "
+        f"which loading a run does not run again; {fix}.")
+  if module and not module.startswith(config_lib.RECIPE_MODULE_PREFIX):
+    try:
+      importlib.import_module(module)
+      return _check_registered(name, f"module '{module}'", fix)
+    except ModuleNotFoundError as e:
+      if not (module == e.name or module.startswith(f"{e.name}.")):
+        raise UnknownModelError(f"Importing module '{module}', which registers "
+                                f"model.name '{name}', failed: {_one_line(e)}.") from e
+  if file and os.path.isfile(file):
+    return _import_file(name, file, fix)
+  raise UnknownModelError(
+      f"model.name '{name}' is registered by {file or module}, which the run in "
+      f"'{workdir}' recorded, and that file is no longer there; {fix}.")
+
+
+def _import_file(name: str, file: str, fix: str) -> None:
+  try:
+    config_lib.import_recipe(file)
+  except Exception as e:  # The user's code: whatever it raises, say where.
+    raise UnknownModelError(f"Importing {file}, which registers model.name '{name}', "
+                            f"failed: {type(e).__name__}: {_one_line(e)}") from e
+  _check_registered(name, file, fix)
+
+
+def _check_registered(name: str, imported: str, fix: str) -> None:
+  if name not in BACKBONES:
+    raise UnknownModelError(f"{imported} was imported but registers no model.name "
+                            f"'{name}'; {fix}.")
+
+
+def _one_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__

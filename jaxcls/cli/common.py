@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import logging
 import os
 import sys
@@ -128,15 +127,11 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
 
 def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()):
   """`get_config()` of the recipe at `path`, with the overrides applied."""
-  from jaxcls.config import ConfigError
+  from jaxcls.config import ConfigError, import_recipe
   if not os.path.isfile(path):
     raise ConfigError(f"Config file '{path}' does not exist; pass a recipe such as "
                       "configs/demo.py.")
-  name = "jaxcls_recipe_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # Registries (models, sources) may refer back to it.
-  spec.loader.exec_module(module)
+  module = import_recipe(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"Config file '{path}' defines no get_config(); a recipe returns "
                       "jaxcls.config.base_config() with its changes.")
