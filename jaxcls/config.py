@@ -68,7 +68,9 @@ def _augment_defaults() -> ml_collections.ConfigDict:
   s.rotation = 10.0  # Max degrees either way; 0 turns rotation off.
   s.scale = (0.9, 1.1)  # Min and max zoom; (1.0, 1.0) turns it off.
   # Random resized crop: the crop's share of the image area, and its aspect-ratio range
-  # (the crop is resized to data.image_size); (1.0, 1.0) turns it off.
+  # (the crop is resized to data.image_size); (1.0, 1.0) turns it off. The image is the
+  # centre square the loader cut, not the whole photo as in torchvision and timm: on a
+  # 4:3 photo, area (0.08, 1) here is (0.06, 0.75) of the photo (docs/training.md).
   s.crop_area = (1.0, 1.0)
   s.crop_ratio = (0.75, 4 / 3)
   # "none", "randaugment" (policy_ops operations at policy_magnitude of 30) or
