@@ -132,6 +132,8 @@ PROGRAM_FLAGS = [
     ("jaxcls-inspect", ("--config", "--out", "--num")),
     ("jaxcls-pretrained", ("import",)),
     ("jaxcls-benchmark", ("step", "loader", "predict", "inference", "serve")),
+    ("jaxcls-sweep", ("--config", "--workdir", "--trials", "--space", "--space-file",
+                      "--pruner", "--storage")),
 ]
 
 
