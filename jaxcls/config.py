@@ -142,7 +142,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
   s.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
   # Stop after this many epochs without a better validation accuracy; 0 = never.
   s.early_stopping_patience = 0
-  # Gradient accumulation: each batch runs as this many micro-batches, one update.
+  # Gradient accumulation: each batch runs as this many micro-batches, one update. Batch
+  # norm normalizes each micro-batch by its own statistics; the running statistics are
+  # updated once per step with the mean of the micro-batches' statistics.
   s.accumulate_steps = 1
   # Per-class loss weights: one per class, or () for all alike. balance_classes instead
   # weighs each class by N / (classes × its count) in the training split.

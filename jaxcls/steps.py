@@ -65,24 +65,38 @@ def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
                            tx=tx, batch_stats=batch_stats, ema=ema)
 
 
+def example_weights(targets: jax.Array, class_weights: tuple[float, ...]) -> jax.Array:
+  """Each example's weight [B]: its label's class weight, or for soft targets [B, C]
+  (mixup, cutmix) the targets' mix of the class weights. Read from the targets before
+  label smoothing, which changes what an example is trained towards, not its weight."""
+  weights = jnp.asarray(class_weights, jnp.float32)
+  return weights[targets] if targets.ndim == 1 else targets @ weights
+
+
 def loss_fn(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0,
-            class_weights: tuple[float, ...] = ()) -> jax.Array:
+            class_weights: tuple[float, ...] = (),
+            mean_weight: jax.Array | None = None) -> jax.Array:
   """Cross-entropy (float32) against integer labels [B] or soft targets [B, C].
 
   `label_smoothing` smooths the targets; `class_weights` (one per class) weight each
-  example by its target's class, the mean taken over the weights.
+  example by its class (`example_weights`), the mean taken over the weights. With
+  `mean_weight`, the mean weight of a larger batch these examples are a share of, the
+  result is that share of the larger batch's weighted mean: mean(w · loss) / mean_weight,
+  so that averaging the shares (over devices, micro-batches) gives the whole batch's.
   """
   if targets.ndim == 1 and not label_smoothing and not class_weights:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  weights = example_weights(targets, class_weights) if class_weights else None
   if targets.ndim == 1:
     targets = jax.nn.one_hot(targets, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   losses = optax.softmax_cross_entropy(logits, targets)
-  if not class_weights:
+  if weights is None:
     return losses.mean()
-  weights = targets @ jnp.asarray(class_weights, jnp.float32)
-  return jnp.sum(weights * losses) / jnp.sum(weights)
+  if mean_weight is None:
+    return jnp.sum(weights * losses) / jnp.sum(weights)
+  return jnp.mean(weights * losses) / mean_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,42 +121,49 @@ def step_options(config: ml_collections.ConfigDict,
       accumulate=config.train.accumulate_steps, ema_decay=config.optim.ema_decay)
 
 
-def _gradients(state: TrainState, images, targets, dropout_rng, options: StepOptions):
+def _gradients(state: TrainState, images, targets, dropout_rng, options: StepOptions,
+               mean_weight: jax.Array | None = None):
   """(mean loss, logits, new batch statistics, mean gradients) over the micro-batches.
 
   With `accumulate` = k the batch is cut into k micro-batches that run one after another
   (lax.scan: one micro-batch's activations in memory at a time); their mean gradient is
-  the full batch's, batch norm aside (its statistics are each micro-batch's) and class
-  weights aside (each micro-batch is normalized by its own weights).
+  the full batch's (class weights included: `mean_weight` is the whole batch's), batch
+  norm aside: each micro-batch is normalized by its own statistics. The running
+  statistics are updated once per step, from the state's, with the mean of the
+  micro-batches' statistics: m·running + (1 − m)·mean_j(stat_j) for momentum m.
   """
-  def objective(params, batch_stats, images, targets, key):
+  def objective(params, images, targets, key):
     if options.freeze_backbone:
       params = {**params, "backbone": lax.stop_gradient(params["backbone"])}
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         rngs={"dropout": key}, mutable=["batch_stats"])
-    loss = loss_fn(logits, targets, options.label_smoothing, options.class_weights)
+    loss = loss_fn(logits, targets, options.label_smoothing, options.class_weights,
+                   mean_weight)
     return loss, (logits, updates["batch_stats"])
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
   k = options.accumulate
   if k == 1:
-    (loss, (logits, stats)), grads = grad_fn(state.params, state.batch_stats, images,
-                                             targets, dropout_rng)
+    (loss, (logits, stats)), grads = grad_fn(state.params, images, targets, dropout_rng)
     return loss, logits, stats, grads
   micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
-  def one(carry, inputs):
-    grads_sum, stats, loss_sum = carry
-    (loss, (logits, stats)), grads = grad_fn(state.params, stats, *inputs)
-    return (jax.tree.map(jnp.add, grads_sum, grads), stats, loss_sum + loss), logits
+  def one(sums, inputs):
+    (loss, (logits, stats)), grads = grad_fn(state.params, *inputs)
+    # Each micro-batch's update starts from the state's statistics, so the mean of the
+    # updates is one update with the mean of the micro-batches' statistics. Summed as
+    # changes: statistics no micro-batch changes (frozen batch norm) stay exact.
+    change = jax.tree.map(jnp.subtract, stats, state.batch_stats)
+    return jax.tree.map(jnp.add, sums, (grads, change, loss)), logits
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, stats, loss), logits = lax.scan(
-      one, (zeros, state.batch_stats, jnp.zeros((), jnp.float32)),
-      (micro(images), micro(targets), jax.random.split(dropout_rng, k)))
-  return loss / k, logits.reshape((-1,) + logits.shape[2:]), stats, jax.tree.map(
-      lambda g: g / k, grads)
+  zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats,
+                                        jnp.zeros((), jnp.float32)))
+  (grads, change, loss), logits = lax.scan(
+      one, zeros, (micro(images), micro(targets), jax.random.split(dropout_rng, k)))
+  stats = jax.tree.map(lambda old, total: old + total / k, state.batch_stats, change)
+  return (loss / k, logits.reshape((-1,) + logits.shape[2:]), stats,
+          jax.tree.map(lambda g: g / k, grads))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array,
@@ -165,8 +186,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array,
     num_classes = state.params["head"]["bias"].shape[-1]
     images, targets = augmentation.mix(mix_rng, images, labels, num_classes,
                                        options.mix)
+  # Class weights: the whole batch's mean weight (every device holds as many images),
+  # so the devices' mean gradient is the whole batch's, whatever each device's weights.
+  mean_weight = None
+  if options.class_weights:
+    mean_weight = lax.pmean(jnp.mean(example_weights(targets, options.class_weights)),
+                            AXIS)
   loss, logits, batch_stats, grads = _gradients(state, images, targets, dropout_rng,
-                                                options)
+                                                options, mean_weight)
   grads = lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if options.ema_decay > 0:

@@ -1,16 +1,18 @@
 """The pmapped steps: device-count independence and exact evaluation."""
 
 import functools
+import hashlib
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from conftest import tiny_config
-from numerics import (assert_normwise_close, displacement, mean_loss_bound, normwise_error,
-                      tiny_cnn_training)
+from numerics import (TINY_CNN_LAYERS, agreement, assert_normwise_close, displacement,
+                      mean_loss_bound, normwise_error, tiny_cnn_training)
 from jaxcls import config as config_lib
 from jaxcls import parallel, steps, train
 from jaxcls.data import augment, preprocess, sources
@@ -24,8 +26,8 @@ def _setup(num_classes=2, **overrides):
   return config, model, state
 
 
-def _step_on(devices, state, batch, rng):
-  step = jax.pmap(functools.partial(steps.train_step, options=steps.StepOptions()),
+def _step_on(devices, state, batch, rng, options=steps.StepOptions()):
+  step = jax.pmap(functools.partial(steps.train_step, options=options),
                   axis_name=parallel.AXIS, devices=devices, in_axes=(0, 0, None))
   new_state, metrics = step(parallel.replicate(state, devices),
                             parallel.shard(batch, len(devices)), rng)
@@ -53,26 +55,82 @@ def test_one_step_same_on_8_devices_and_1():
   assert_normwise_close(moved8, moved1, tolerance, "8 devices against 1")
 
 
-def test_dropout_rng_differs_per_device_and_step():
-  """Same data on every device: with dropout, per-device gradients must differ."""
-  config, _, state = _setup(**{"model.dropout": 0.5})
-  one = {"image": np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8),
-         "label": np.array([0, 1], np.int32), "mask": np.ones((2,), bool)}
-  batch = {k: np.concatenate([v] * 8) for k, v in one.items()}
+def test_class_weights_and_label_smoothing_same_on_8_devices_and_1():
+  """The weighted loss is normalised by the whole batch's sum of weights, so each device's
+  share of the gradient is its share of that one mean, whatever the devices' own sums."""
+  _, _, state = _setup()
+  batch = _batch(seed=5)
+  weights = (1.0, 3.0)
+  per_device = np.asarray(weights)[batch["label"]].reshape(8, 2).sum(axis=1)
+  assert len(set(per_device)) > 1, "the test needs devices whose weights sum differently"
+  options = steps.StepOptions(label_smoothing=0.1, class_weights=weights)
+  key = steps.root_key(1)
+  state8, metrics8 = _step_on(jax.local_devices(), state, batch, key, options)
+  state1, metrics1 = _step_on(jax.local_devices()[:1], state, batch, key, options)
+  # As in the unweighted test above: the same sums in other orders.
+  tolerance = tiny_cnn_training(1)
+  assert abs(metrics8["loss"][0] - metrics1["loss"][0]) <= tolerance * metrics1["loss"][0]
+  start = jax.device_get((state.params, state.batch_stats))
+  assert_normwise_close(displacement(jax.device_get((state8.params, state8.batch_stats)),
+                                     start),
+                        displacement(jax.device_get((state1.params, state1.batch_stats)),
+                                     start), tolerance, "8 devices against 1, weighted")
 
-  def local_loss(state, batch, rng):
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
-                             jax.lax.axis_index(parallel.AXIS))
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            batch["image"], train=True, rngs={"dropout": rng},
-                            mutable=["batch_stats"])[0]
-    return logits
+
+class _DrawsProbe(nn.Module):
+  """A model that keeps what the train step fed it in its batch statistics, which the
+  step hands back per device, unaveraged: the augmented images and a dropout mask."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    images = images.astype(jnp.float32)
+    seen = self.variable("batch_stats", "images", jnp.zeros, images.shape, jnp.float32)
+    mask = self.variable("batch_stats", "dropout", jnp.zeros, (images.shape[0], 64),
+                         jnp.float32)
+    if train and not self.is_initializing():
+      seen.value = images
+      mask.value = nn.Dropout(0.5, deterministic=False)(jnp.ones_like(mask.value))
+    return nn.Dense(2, name="head")(images.mean(axis=(1, 2)))
+
+
+def test_train_step_draws_differ_per_step_and_device_and_repeat_exactly():
+  """Every device gets the same two images: what the model saw (augmented images, dropout
+  mask) must differ between devices and between steps, and be the same bytes for the
+  same seed, step and device."""
+  probe = _DrawsProbe()
+  one = _batch(n=2, size=8, seed=2)
+  variables = probe.init(jax.random.key(0), one["image"])
+  state = steps.TrainState.create(apply_fn=steps.apply_model(probe),
+                                  params=variables["params"], tx=optax.sgd(0.1),
+                                  batch_stats=variables["batch_stats"])
+  options = steps.StepOptions(augment=augment.Options(flip=True, rotation=30.0,
+                                                      crop_area=(0.5, 1.0)))
+  every = {k: np.concatenate([v] * 8) for k, v in one.items()}
 
   devices = jax.local_devices()
-  fn = jax.pmap(local_loss, axis_name=parallel.AXIS, in_axes=(0, 0, None))
-  logits = np.asarray(fn(parallel.replicate(state, devices), parallel.shard(batch, 8),
-                         steps.root_key(0)))
-  assert len({logits[i].tobytes() for i in range(8)}) == 8
+  step = jax.pmap(functools.partial(steps.train_step, options=options),
+                  axis_name=parallel.AXIS, devices=devices, in_axes=(0, 0, None))
+
+  def seen(state, seed):
+    new, _ = step(parallel.replicate(state, devices), parallel.shard(every, 8),
+                  steps.root_key(seed))
+    per_device = jax.device_get(new.batch_stats)
+    # Each draw as a digest of its bytes: equal digests, equal bytes.
+    return parallel.unreplicate(new), [
+        {k: hashlib.sha256(v[d].tobytes()).hexdigest() for k, v in per_device.items()}
+        for d in range(8)]
+
+  after_first, first = seen(state, seed=1)
+  for name in ("images", "dropout"):
+    assert len({device[name] for device in first}) == 8, f"{name}: a draw per device"
+  _, second = seen(after_first, seed=1)
+  for d in range(8):
+    for name in ("images", "dropout"):
+      assert second[d][name] != first[d][name], f"{name}: device {d}, a draw per step"
+  _, again = seen(state, seed=1)
+  assert again == first
+  _, other_seed = seen(state, seed=2)
+  assert all(o["dropout"] != f["dropout"] for o, f in zip(other_seed, first))
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
@@ -120,17 +178,22 @@ def test_accumulated_micro_batches_give_the_full_batch_update():
   model = create_model(config.model, 2, axis_name=parallel.AXIS, backbone_bn_train=False)
   state = steps.create_train_state(config, model, steps.root_key(0), steps_per_epoch=10)
   batch = _batch()
-  whole, whole_metrics = _one_device_step(state, batch, steps.StepOptions())
-  micro, micro_metrics = _one_device_step(state, batch, steps.StepOptions(accumulate=4))
-  # Forward and backward through the tiny CNN; the longest sum is the first layer's
-  # weight gradient over 16 × 16 × 16 pixels, then 4 micro-batches added.
-  assert abs(micro_metrics["loss"][0] - whole_metrics["loss"][0]) <= (
-      tiny_cnn_training(1) * whole_metrics["loss"][0])
-  assert micro_metrics["accuracy"][0] == whole_metrics["accuracy"][0]
-  start = jax.device_get(state.params)
-  assert_normwise_close(displacement(jax.device_get(micro.params), start),
-                        displacement(jax.device_get(whole.params), start),
-                        tiny_cnn_training(1), "accumulated against whole")
+  # Class weights too: the micro-batches' weights sum differently, and each is a share
+  # of the whole batch's weighted mean.
+  for weights in ((), (1.0, 3.0)):
+    whole, whole_metrics = _one_device_step(state, batch,
+                                            steps.StepOptions(class_weights=weights))
+    micro, micro_metrics = _one_device_step(
+        state, batch, steps.StepOptions(accumulate=4, class_weights=weights))
+    # Forward and backward through the tiny CNN; the longest sum is the first layer's
+    # weight gradient over 16 × 16 × 16 pixels, then 4 micro-batches added.
+    assert abs(micro_metrics["loss"][0] - whole_metrics["loss"][0]) <= (
+        tiny_cnn_training(1) * whole_metrics["loss"][0])
+    assert micro_metrics["accuracy"][0] == whole_metrics["accuracy"][0]
+    start = jax.device_get(state.params)
+    assert_normwise_close(displacement(jax.device_get(micro.params), start),
+                          displacement(jax.device_get(whole.params), start),
+                          tiny_cnn_training(1), f"accumulated against whole, {weights}")
   # With batch norm in training mode they differ (statistics of 4 against 16 images).
   trained_bn = create_model(config.model, 2, axis_name=parallel.AXIS)
   bn_state = steps.create_train_state(config, trained_bn, steps.root_key(0), 10)
@@ -138,6 +201,28 @@ def test_accumulated_micro_batches_give_the_full_batch_update():
   b, _ = _one_device_step(bn_state, batch, steps.StepOptions(accumulate=4))
   assert normwise_error(b.params["head"]["kernel"] - bn_state.params["head"]["kernel"],
                         a.params["head"]["kernel"] - bn_state.params["head"]["kernel"]) > 1e-3
+
+
+def test_accumulation_updates_batch_norm_statistics_once_per_step():
+  """k micro-batches make one update of the running statistics, with the mean of their
+  batch statistics: running ← m·running + (1 − m)·mean_j(stat_j) (m = 0.9), not m
+  applied k times."""
+  config = tiny_config("generated:shapes")
+  model = create_model(config.model, 2, axis_name=parallel.AXIS)
+  state = steps.create_train_state(config, model, steps.root_key(0), steps_per_epoch=10)
+  batch = _batch()
+  new, _ = _one_device_step(state, batch, steps.StepOptions(accumulate=4))
+  # Each micro-batch's own update of the running statistics, from the state's, in plain
+  # flax on one device; the rule's mean of them is m·running + (1 − m)·mean_j(stat_j).
+  plain = create_model(config.model, 2)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  updates = [plain.apply(variables, batch["image"][4 * j:4 * j + 4], train=True,
+                         mutable=["batch_stats"])[1]["batch_stats"] for j in range(4)]
+  expected = jax.tree.map(lambda *u: np.mean(np.asarray(u, np.float64), axis=0), *updates)
+  # Two computations of the micro-batches' statistics (the step's CPU layers, plain
+  # flax): the longest sums are the first layer's statistics over 4 × 16 × 16 pixels.
+  assert_normwise_close(jax.device_get(new.batch_stats), expected,
+                        agreement(TINY_CNN_LAYERS, 4 * 16 * 16), "running statistics")
 
 
 def test_class_weights_weigh_each_example_by_its_class():
@@ -153,6 +238,18 @@ def test_class_weights_weigh_each_example_by_its_class():
   weights = np.array([2.0, 3.0, 1.0])
   assert float(steps.loss_fn(logits, soft, class_weights=(1.0, 3.0))) == pytest.approx(
       float(np.sum(weights * soft_losses) / weights.sum()), rel=1e-6)
+
+
+def test_label_smoothing_leaves_the_class_weights_alone():
+  """Each example weighs its label's class weight; smoothing changes its target only."""
+  logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  labels = jnp.array([0, 1, 1])
+  smoothed = optax.smooth_labels(jax.nn.one_hot(labels, 2), 0.2)
+  per_example = np.asarray(optax.softmax_cross_entropy(logits, smoothed), np.float64)
+  weights = np.array([1.0, 3.0, 3.0])
+  got = float(steps.loss_fn(logits, labels, label_smoothing=0.2, class_weights=(1.0, 3.0)))
+  # A weighted mean of three float32 losses: a few roundings of numbers below 2.
+  assert got == pytest.approx(np.sum(weights * per_example) / weights.sum(), rel=1e-6)
 
 
 def test_mixup_trains_on_mixed_images_against_soft_targets():
