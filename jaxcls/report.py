@@ -6,6 +6,8 @@
 its path:
 
 - `curves.png`: loss and accuracy per epoch (train vs validation) and the learning rate;
+- `time_to_accuracy.png`: validation accuracy against the run's wall time, and the
+  first time it reached each of `--targets` (default 0.90, 0.95), also in the JSON;
 - `confusion_matrix.png`: counts and row-normalised rates on the validation set;
 - `per_class.csv`: precision, recall, F1 and support per class (also printed and in HTML);
 - `top_losses.png` and `top_losses/`: the validation images the model is most
@@ -259,6 +261,37 @@ def epoch_curves(rows: list[dict]) -> dict:
   }
 
 
+def time_to_accuracy(rows: list[dict], targets: Sequence[float] = (0.90, 0.95)) -> dict:
+  """Validation accuracy against wall time, and the first time each target was reached.
+
+  Rows are `metrics.jsonl` rows; the "val" rows with a "time" (seconds since the run
+  started, counted across resumes; runs before jaxcls 0.3 wrote none) are used, a step
+  logged twice keeping its last row. `reached[str(target)]` is {"time", "step",
+  "epoch", "accuracy"} of the first evaluation with accuracy >= target, or None.
+  """
+  latest = {r["step"]: r for r in rows if r.get("split") == "val" and "time" in r}
+  points = [latest[step] for step in sorted(latest)]
+  reached = {}
+  for target in targets:
+    first = next((r for r in points if r["accuracy"] >= target), None)
+    reached[str(target)] = first and {"time": first["time"], "step": first["step"],
+                                      "epoch": first.get("epoch"),
+                                      "accuracy": first["accuracy"]}
+  return {"time": [r["time"] for r in points], "step": [r["step"] for r in points],
+          "accuracy": [r["accuracy"] for r in points], "targets": list(targets),
+          "reached": reached}
+
+
+def format_seconds(seconds: float) -> str:
+  """'42.0 s', '12 min 05 s' or '2 h 03 min'."""
+  if seconds < 60:
+    return f"{seconds:.1f} s"
+  minutes = int(seconds // 60)
+  if minutes < 60:
+    return f"{minutes} min {int(seconds % 60):02d} s"
+  return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 # --- Figures (matplotlib's Agg renderer through Figure: no pyplot, no global state) ---
 
 
@@ -279,6 +312,29 @@ def plot_curves(curves: dict, path: str) -> None:
   lr_ax.plot(curves["lr_step"], curves["learning_rate"], ".-")
   lr_ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
   lr_ax.grid(alpha=0.3)
+  fig.savefig(path)
+
+
+def plot_time_to_accuracy(curve: dict, path: str) -> None:
+  """Validation accuracy against wall time (minutes past 10 minutes), each target
+  dashed and marked where first reached."""
+  minutes = bool(curve["time"]) and curve["time"][-1] > 600
+  scale, unit = (60.0, "min") if minutes else (1.0, "s")
+  fig = _figure(6.5, 4.2)
+  ax = fig.subplots()
+  ax.plot([t / scale for t in curve["time"]], curve["accuracy"], "s-", label="validation")
+  for target in curve["targets"]:
+    first = curve["reached"][str(target)]
+    ax.axhline(target, ls="--", color="gray", lw=0.8)
+    if first:
+      ax.plot(first["time"] / scale, first["accuracy"], "o", ms=10, mfc="none",
+              color="tab:red")
+      ax.annotate(f"{target:g} at {format_seconds(first['time'])}",
+                  (first["time"] / scale, first["accuracy"]), textcoords="offset points",
+                  xytext=(6, -14), fontsize=8)
+  ax.set(xlabel=f"wall time since the run started ({unit})", ylabel="accuracy",
+         title="validation accuracy against time")
+  ax.grid(alpha=0.3)
   fig.savefig(path)
 
 
@@ -389,7 +445,23 @@ def _facts(summary: dict) -> list[tuple[str, Any]]:
                   else f"{recorded:.4f}"))
   facts.append(("expected calibration error", f"{summary['ece']:.4f} "
                 f"({summary['bins']} bins)"))
+  facts += time_to_accuracy_lines(summary)
   return facts
+
+
+def time_to_accuracy_lines(summary: dict) -> list[tuple[str, str]]:
+  """("time to validation accuracy 0.9", "4 min 10 s (step 300, epoch 3)" or "not
+  reached") per target; none when the run recorded no times."""
+  curve = summary.get("time_to_accuracy")
+  if not curve or not curve["time"]:
+    return []
+  lines = []
+  for target in curve["targets"]:
+    first = curve["reached"][str(target)]
+    lines.append((f"time to validation accuracy {target:g}", "not reached" if not first
+                  else f"{format_seconds(first['time'])} (step {first['step']}, epoch "
+                       f"{first['epoch']})"))
+  return lines
 
 
 def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
@@ -402,6 +474,9 @@ def _html(summary: dict, scores: list[dict], top: list[dict]) -> str:
   parts.append("</table>")
   if summary["files"].get("curves"):
     parts.append("<h2>Training curves</h2><img src='curves.png' alt='training curves'>")
+  if summary["files"].get("time_to_accuracy"):
+    parts.append("<h2>Time to accuracy</h2><img src='time_to_accuracy.png' "
+                 "alt='validation accuracy against wall time'>")
   parts.append(f"<h2>Confusion matrix ({e(subset)})</h2>"
                "<img src='confusion_matrix.png' alt='confusion matrix'>")
   parts.append("<h2>Per-class scores</h2><table><tr><th>class</th><th>precision</th>"
@@ -460,7 +535,8 @@ def load_validation(workdir: str, step: int | None = None,
 
 
 def build_report(workdir: str, step: int | None = None, out_dir: str | None = None, *,
-                 top_k: int = 24, bins: int = 10, progress: bool = True) -> dict:
+                 top_k: int = 24, bins: int = 10, progress: bool = True,
+                 targets: Sequence[float] = (0.90, 0.95)) -> dict:
   """Writes the report of a checkpoint on its validation split; returns its summary
   (also saved as report.json)."""
   workdir = os.path.abspath(workdir)
@@ -473,7 +549,7 @@ def build_report(workdir: str, step: int | None = None, out_dir: str | None = No
            "recorded_accuracy": recorded["accuracy"] if recorded else None,
            "recorded_loss": recorded["loss"] if recorded else None}
   return write_report(evaluation, out_dir, about, metrics_rows=rows, top_k=top_k,
-                      bins=bins)
+                      bins=bins, targets=targets)
 
 
 def _clear_gallery(out_dir: str) -> str:
@@ -487,13 +563,14 @@ def _clear_gallery(out_dir: str) -> str:
 
 def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
                  metrics_rows: Sequence[dict] = (), top_k: int = 24,
-                 bins: int = 10) -> dict:
+                 bins: int = 10, targets: Sequence[float] = (0.90, 0.95)) -> dict:
   """Writes the figures, tables and pages of `evaluation` into `out_dir`.
 
   `about` describes what was evaluated and goes into the summary as it is: at least
   "workdir", "step", "epoch" and "subset" ("validation", "held-out"). The training
-  curves are drawn from `metrics_rows` when there are any. Returns the summary (also
-  saved as report.json).
+  curves are drawn from `metrics_rows` when there are any, and the time to each of
+  `targets` validation accuracy when they hold times. Returns the summary (also saved
+  as report.json).
   """
   out_dir = os.path.abspath(out_dir)
   gallery = _clear_gallery(out_dir)
@@ -509,6 +586,10 @@ def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
   if metrics_rows:
     files["curves"] = "curves.png"
     plot_curves(epoch_curves(list(metrics_rows)), os.path.join(out_dir, files["curves"]))
+  timed = time_to_accuracy(list(metrics_rows), targets)
+  if timed["time"]:
+    files["time_to_accuracy"] = "time_to_accuracy.png"
+    plot_time_to_accuracy(timed, os.path.join(out_dir, files["time_to_accuracy"]))
   plot_confusion(matrix, names, os.path.join(out_dir, files["confusion_matrix"]))
   plot_reliability(cal, os.path.join(out_dir, files["reliability"]))
   thumbnails = [os.path.join(gallery, f"{rank:03d}.png") for rank in range(len(top))]
@@ -525,7 +606,7 @@ def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
       "accuracy": evaluation.accuracy, "loss": evaluation.loss,
       "ece": cal["ece"], "bins": bins, "calibration": cal,
       "confusion_matrix": matrix.tolist(), "per_class": scores, "top_losses": top,
-      "files": files}
+      "time_to_accuracy": timed, "files": files}
   with open(os.path.join(out_dir, files["summary"]), "w") as f:
     json.dump(summary, f, indent=2)
   with open(os.path.join(out_dir, files["html"]), "w", encoding="utf-8") as f:

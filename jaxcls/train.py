@@ -86,6 +86,13 @@ class _Run:
   changed_keys: tuple[str, ...] = ()
   callbacks: tuple = ()
   class_weights: tuple[float, ...] = ()
+  # time.perf_counter() when the run's clock read 0: this call's start less the time
+  # earlier sessions spent (Progress.elapsed_seconds), so resumed runs count on.
+  time_origin: float = 0.0
+
+  def elapsed(self) -> float:
+    """Wall seconds the run has spent, over every session that resumed it."""
+    return time.perf_counter() - self.time_origin
 
   @property
   def is_main(self) -> bool:
@@ -111,8 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   kept), WorkdirError when the workdir cannot be written (the checkpoints already there
   are intact), and ConfigError / DataError for a bad config or data set.
   """
+  started = time.perf_counter()
   with guards.named_write_errors(workdir):
     run = _prepare(config, workdir, devices, resume)
+    run.time_origin = started - run.progress.elapsed_seconds
     run.callbacks = tuple(callbacks) + tracking.from_config(run.config)
     try:
       done = _already_done(run)
@@ -431,13 +440,13 @@ def _end_epoch(run: _Run, writer, bar, programs: _Steps, replicated, done: int,
   """Validation over the whole set; the epoch's means and the best so far recorded."""
   epoch = done // run.steps_per_epoch
   val = _evaluate(programs.evaluate, replicated, run.dataset.val, run.config, run.devices)
-  writer.write(done, "val", val, epoch=epoch)
+  writer.write(done, "val", val, epoch=epoch, time=round(run.elapsed(), 3))
   ema = None
   if replicated.ema is not None:  # The weight average, on the same images.
     averaged = replicated.replace(params=replicated.ema["params"],
                                   batch_stats=replicated.ema["batch_stats"])
     ema = _evaluate(programs.evaluate, averaged, run.dataset.val, run.config, run.devices)
-    writer.write(done, "val_ema", ema, epoch=epoch)
+    writer.write(done, "val_ema", ema, epoch=epoch, time=round(run.elapsed(), 3))
   writer.flush()
   progress = run.progress
   sums = progress.epoch_sums
@@ -466,6 +475,7 @@ def _save(run: _Run, replicated, done: int, val: dict | None) -> None:
   if not bool(guards.all_finite((state.params, state.batch_stats))):
     raise guards.diverged("the parameters became NaN or infinite", done, run.workdir,
                           run.config.optim.learning_rate)
+  run.progress.elapsed_seconds = run.elapsed()
   meta = RunMeta(config=run.config.to_dict(), class_names=run.dataset.class_names,
                  step=done, epoch=done // run.steps_per_epoch, progress=run.progress)
   workdir_lib.save_checkpoint(run.mngr, state, meta,

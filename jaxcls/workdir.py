@@ -96,6 +96,9 @@ class Progress:
   best: Best | None = None
   epoch_sums: EpochSums = dataclasses.field(default_factory=EpochSums)
   last_epoch: EpochMetrics | None = None
+  # Wall seconds the run has spent up to this checkpoint, over every session that
+  # resumed it: a resumed run's clock (metrics.jsonl "time") continues from here.
+  elapsed_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -133,7 +136,8 @@ class RunMeta:
             best=_known_fields(Best, best) if best else None,
             epoch_sums=EpochSums(**{k: sums[k] for k in ("loss", "accuracy", "steps")
                                     if k in sums}),
-            last_epoch=_known_fields(EpochMetrics, last) if last else None),
+            last_epoch=_known_fields(EpochMetrics, last) if last else None,
+            elapsed_seconds=float(progress.get("elapsed_seconds", 0.0))),
         imported_from=data.get("imported_from"),
         backbone_origin=data.get("backbone_origin"))
 

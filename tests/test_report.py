@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from jaxcls import metric_writers, report, train
+from jaxcls import checkpoint, metric_writers, report, train
+from jaxcls import workdir as workdir_lib
 from jaxcls.benchmark.predict import write_random_workdir
 from jaxcls.cli import report as report_cli
 from jaxcls.data import preprocess, sources
@@ -305,3 +306,61 @@ def test_report_reads_its_pictures_through_every_kind_of_source(kind, shapes_dir
       expected.thumbnail((report.THUMBNAIL_SIZE,) * 2, Image.Resampling.BILINEAR)
       assert thumb.size == expected.size
       np.testing.assert_array_equal(np.asarray(thumb.convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_counts_across_a_resume(tmp_path, capsys):
+  """Every val row has the run's wall time; a resumed run's clock continues from its
+  checkpoint's; the report's first times are those of metrics.jsonl's rows."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config("generated:shapes", num_epochs=2, **{
+      "data.generated_per_class": 40, "optim.schedule": "constant"})
+  train.train_and_evaluate(config, workdir)
+  first_session = [r["time"] for r in metric_writers.read_metrics(workdir)
+                   if r["split"] == "val"]
+  mngr = checkpoint.manager(workdir, 3)
+  saved = workdir_lib.read_meta(mngr, mngr.latest_step()).progress.elapsed_seconds
+  mngr.close()
+  config.num_epochs = 3
+  train.train_and_evaluate(config, workdir)  # Resumes at epoch 2's checkpoint.
+  val = [r for r in metric_writers.read_metrics(workdir) if r["split"] == "val"]
+  times = [r["time"] for r in val]
+  assert [r["epoch"] for r in val] == [1, 2, 3] and times[:2] == first_session
+  assert 0 < times[0] < times[1] <= saved < times[2]
+  accuracies = sorted({r["accuracy"] for r in val})
+  targets = accuracies  # Each reached at some epoch.
+  out_dir = str(tmp_path / "report")
+  assert report_cli.main(["--workdir", workdir, "--out", out_dir, "--top-k", "2",
+                          "--no-progress", "--targets", ",".join(map(repr, targets))]) == 0
+  printed = capsys.readouterr().out
+  with Image.open(os.path.join(out_dir, "time_to_accuracy.png")) as img:
+    assert img.format == "PNG" and min(img.size) >= 200
+  curve = json.load(open(os.path.join(out_dir, "report.json")))["time_to_accuracy"]
+  assert curve["time"] == times and curve["step"] == [r["step"] for r in val]
+  for target in accuracies:
+    first = next(r for r in val if r["accuracy"] >= target)
+    assert curve["reached"][repr(target)] == {
+        "time": first["time"], "step": first["step"], "epoch": first["epoch"],
+        "accuracy": first["accuracy"]}
+    assert (f"time to validation accuracy {target:g}: "
+            f"{report.format_seconds(first['time'])} (step {first['step']}, epoch "
+            f"{first['epoch']})") in printed
+  never = report.time_to_accuracy(val, (1.01,))
+  assert never["reached"] == {"1.01": None} and never["time"] == times
+  assert report.time_to_accuracy_lines({"time_to_accuracy": never}) == [
+      ("time to validation accuracy 1.01", "not reached")]
+  assert "src='time_to_accuracy.png'" in open(os.path.join(out_dir, "index.html")).read()
+
+
+def test_report_targets_flag_rejects_a_bad_accuracy(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    report_cli.main(["--workdir", "w", "--targets", "0.9,95"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (
+      "error: argument --targets: '0.9,95' is not accuracies in (0, 1], comma-separated, "
+      "e.g. 0.9,0.95 (see jaxcls-report --help)\n")
+
+
+def test_format_seconds():
+  assert [report.format_seconds(s) for s in (42.04, 725.9, 7391.0)] == [
+      "42.0 s", "12 min 05 s", "2 h 03 min"]
