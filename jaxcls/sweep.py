@@ -439,6 +439,12 @@ def _counted_before(study, number: int | None = None) -> int:
              if number is None or t.number < number)
 
 
+def _work_left(study, n_trials: int) -> bool:
+  """Fewer than N trials count, or a queued one (a rerun counts already) waits to run."""
+  waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+  return _counted_before(study) < n_trials or bool(waiting)
+
+
 def _rerun(study, frozen) -> None:
   """Queues `frozen`'s parameters as a new trial that continues it (a FAIL trial that was
   killed or stopped): Optuna's RetryHeartbeatStaleTrialCallback, bar the owner's attrs."""
@@ -628,7 +634,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, n_trials: int,
   try:
     while True:
       fail_dead_trials(study)
-      if _counted_before(study) >= n_trials:
+      if not _work_left(study, n_trials):
         break
       study.optimize(objective, n_trials=1, catch=(SurplusTrial,),
                      callbacks=[after_trial], gc_after_trial=True)

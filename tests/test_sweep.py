@@ -371,6 +371,6 @@ def test_jaxcls_needs_no_optuna_and_the_sweep_says_how_to_get_it(tmp_path):
   code, _, stderr = run_blocked(str(program), _args(tmp_path / "sweep", 2), ("optuna",),
                                 ROOT)
   assert code == 2
-  assert stderr == ("error: jaxcls-sweep needs Optuna (optuna is missing): pip install "
-                    "'jaxcls[sweep]'.\n")
+  assert stderr == ("error: jaxcls-sweep needs Optuna, which cannot be imported (optuna "
+                    "is blocked): pip install 'jaxcls[sweep]'.\n")
   assert not (tmp_path / "sweep").exists()

@@ -83,12 +83,11 @@ def _check_not_overridden(space, overrides) -> None:
 
 def _import_sweep():
   try:
-    from jaxcls import sweep
-  except ModuleNotFoundError as e:
-    if e.name and e.name.split(".")[0] in ("optuna", "sqlalchemy"):
-      raise common.UsageError(f"jaxcls-sweep needs Optuna ({e.name} is missing): pip "
-                              "install 'jaxcls[sweep]'.") from None
-    raise
+    import optuna  # noqa: F401  (only jaxcls.sweep needs it)
+  except ImportError as e:
+    raise common.UsageError(f"jaxcls-sweep needs Optuna, which cannot be imported ({e}): "
+                            "pip install 'jaxcls[sweep]'.") from None
+  from jaxcls import sweep
   return sweep
 
 
