@@ -6,12 +6,14 @@ A checkpoint at step N is the folder `WORKDIR/checkpoints/N/` with these items:
 - `meta`: JSON with the config, the class names, the epoch, the metrics at that step,
   the best validation result so far and the running sums of the epoch in progress (its
   format is `jaxcls.workdir.RunMeta`'s, which owns it);
-- `metrics`: Orbax's own record of the validation accuracy (epoch ends only), which it
-  uses to find the best checkpoint.
+- `metrics`: Orbax's own record of the validation accuracy (epoch ends only), and of
+  the weight average's when the run keeps one, which rank the checkpoints.
 
 Which checkpoints stay: the last `keep`, plus the one with the best validation accuracy
-(ties go to the earlier step), which is never rotated away. Mid-epoch checkpoints carry
-no validation accuracy and are never "best".
+(ties go to the earlier step), which is never rotated away, and with a weight average
+(optim.ema_decay > 0) the one where the average's accuracy was best: each kind of
+weights has its best checkpoint. Mid-epoch checkpoints carry no validation accuracy and
+are never "best".
 
 With several processes every process calls `save` and `restore_state` (Orbax
 coordinates them; one process writes each array), and the workdir must be on storage
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -42,12 +45,19 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def ranking_key(metrics: dict) -> tuple:
-  """Orders checkpoints from worst to best: validation accuracy, then earlier step.
+# The metric that ranks the checkpoints of each kind of weights (`workdir.WEIGHTS`):
+# the weights themselves, or their exponential moving average.
+RANKED_BY = {"raw": "val_accuracy", "ema": "val_ema_accuracy"}
 
-  Checkpoints saved mid-epoch have no `val_accuracy` and rank below every validated one.
+
+def ranking_key(metrics: dict, weights: str = "raw") -> tuple:
+  """Orders checkpoints from worst to best for `weights` ("raw" or "ema"): their
+  validation accuracy, then the earlier step.
+
+  Checkpoints saved mid-epoch have no validation accuracy and rank below every
+  validated one.
   """
-  accuracy = metrics.get("val_accuracy")
+  accuracy = metrics.get(RANKED_BY[weights])
   if accuracy is None:
     return (0, 0.0, 0)
   return (1, float(accuracy), -int(metrics["step"]))
@@ -68,13 +78,15 @@ def _orbax_notices_hidden():
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False,
             async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager that keeps the last `keep` checkpoints and the best one."""
+  """A manager that keeps the last `keep` checkpoints and the best one of each kind of
+  weights. (Without a weight average every checkpoint ties on its ranking, and the tie
+  keeps the latest, which LatestN keeps anyway.)"""
   keep_policy = None
   if not read_only:
-    keep_policy = policies.AnyPreservationPolicy([
-        policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=ranking_key, n=1,
-                       keep_checkpoints_without_metrics=False)])
+    keep_policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep)] + [
+        policies.BestN(get_metric_fn=functools.partial(ranking_key, weights=weights),
+                       n=1, keep_checkpoints_without_metrics=False)
+        for weights in RANKED_BY])
   with _orbax_notices_hidden() if read_only else contextlib.nullcontext():
     options = ocp.CheckpointManagerOptions(
         create=not read_only, read_only=read_only, preservation_policy=keep_policy,
@@ -108,14 +120,17 @@ def latest_complete_step(workdir: str) -> int | None:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         val_accuracy: float | None = None) -> None:
+         val_accuracy: float | None = None,
+         val_ema_accuracy: float | None = None) -> None:
   """Saves asynchronously; the host copy of `state` is taken before this returns.
 
-  `val_accuracy` is given at epoch ends only: it is what ranks checkpoints for "best".
+  `val_accuracy` (and the weight average's `val_ema_accuracy`) are given at epoch ends
+  only: they rank checkpoints for "best".
   """
   metrics = {"step": int(step)}
-  if val_accuracy is not None:
-    metrics["val_accuracy"] = float(val_accuracy)
+  for weights, accuracy in (("raw", val_accuracy), ("ema", val_ema_accuracy)):
+    if accuracy is not None:
+      metrics[RANKED_BY[weights]] = float(accuracy)
   mngr.save(step, metrics=metrics, args=ocp.args.Composite(
       state=ocp.args.StandardSave(global_state(saved_items(state))),
       meta=ocp.args.JsonSave(meta)))
@@ -156,8 +171,19 @@ def global_state(state: Any) -> Any:
   return jax.tree.map(to_global, state)
 
 
-def best_step(mngr: ocp.CheckpointManager) -> int | None:
-  """The step with the best validation accuracy, or the latest if none was validated."""
+def best_step(mngr: ocp.CheckpointManager, weights: str = "raw") -> int | None:
+  """The step where `weights` ("raw", or "ema": the weight average) had the best
+  validation accuracy, or the latest if none was validated.
+
+  Checkpoints written before jaxcls 0.3 record no accuracy of the average: for them the
+  average's best is the weights' best, as it was then.
+  """
+  if weights == "ema":
+    ranked = [(ranking_key(mngr.metrics(step) or {}, weights), step)
+              for step in mngr.all_steps()]
+    validated = [(key, step) for key, step in ranked if key[0]]
+    if validated:
+      return max(validated)[1]
   best = mngr.best_step()
   return mngr.latest_step() if best is None else best
 

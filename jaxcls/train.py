@@ -243,9 +243,12 @@ def _log_model(config, model, state, num_devices: int, num_steps: int) -> None:
 
 
 def _patience_ran_out(progress: Progress, config, epoch: int) -> bool:
+  """Patience counts from the latest best of either kind of weights: with a weight
+  average the run stops only when neither the weights nor the average improve."""
   patience = config.train.early_stopping_patience
-  best = progress.best
-  return bool(patience) and best is not None and epoch - best.epoch >= patience
+  bests = [best for best in (progress.best, progress.best_ema) if best is not None]
+  return bool(patience) and bool(bests) and (
+      epoch - max(best.epoch for best in bests) >= patience)
 
 
 def _already_done(run: _Run) -> RunSummary | None:
@@ -457,6 +460,9 @@ def _end_epoch(run: _Run, writer, bar, programs: _Steps, replicated, done: int,
   progress.epoch_sums = EpochSums()
   if progress.best is None or val["accuracy"] > progress.best.val_accuracy:
     progress.best = Best(val["accuracy"], epoch, done)
+  if ema is not None and (progress.best_ema is None
+                          or ema["accuracy"] > progress.best_ema.val_accuracy):
+    progress.best_ema = Best(ema["accuracy"], epoch, done)  # The average's own best.
   if run.is_main:
     last = progress.last_epoch
     bar.write(f"epoch {epoch}/{run.config.num_epochs}  step {done}  "
@@ -486,9 +492,11 @@ def _early_stop(run: _Run, done: int) -> bool:
   epoch = done // run.steps_per_epoch
   if not _patience_ran_out(run.progress, run.config, epoch):
     return False
-  best = run.progress.best
+  best, best_ema = run.progress.best, run.progress.best_ema
   log.info("Early stopping after epoch %d: no better validation accuracy since epoch %d "
-           "(%.4f), patience %d.", epoch, best.epoch, best.val_accuracy,
+           "(%.4f)%s, patience %d.", epoch, best.epoch, best.val_accuracy,
+           f", nor of the weight average since epoch {best_ema.epoch} "
+           f"({best_ema.val_accuracy:.4f})" if best_ema else "",
            run.config.train.early_stopping_patience)
   return True
 

@@ -94,6 +94,7 @@ class Progress:
   """What a run knows beyond its arrays, saved with every checkpoint so a resumed run
   continues its epoch means, early stopping and best-checkpoint choice exactly."""
   best: Best | None = None
+  best_ema: Best | None = None  # The weight average's, when optim.ema_decay > 0.
   epoch_sums: EpochSums = dataclasses.field(default_factory=EpochSums)
   last_epoch: EpochMetrics | None = None
   # Wall seconds the run has spent up to this checkpoint, over every session that
@@ -126,7 +127,7 @@ class RunMeta:
   def from_json(cls, data: dict) -> "RunMeta":
     """Reads version 2 and version 1 (an untyped dict with "metrics" beside "progress")."""
     progress = data.get("progress") or {}
-    best = progress.get("best")
+    best, best_ema = progress.get("best"), progress.get("best_ema")
     sums = progress.get("epoch_sums") or {}
     last = progress.get("last_epoch") or data.get("metrics") or None
     return cls(
@@ -134,6 +135,7 @@ class RunMeta:
         step=int(data.get("step", 0)), epoch=int(data.get("epoch", 0)),
         progress=Progress(
             best=_known_fields(Best, best) if best else None,
+            best_ema=_known_fields(Best, best_ema) if best_ema else None,
             epoch_sums=EpochSums(**{k: sums[k] for k in ("loss", "accuracy", "steps")
                                     if k in sums}),
             last_epoch=_known_fields(EpochMetrics, last) if last else None,
@@ -145,11 +147,15 @@ class RunMeta:
     """The config the run trained with, on today's schema (renamed keys migrated)."""
     return config_lib.from_dict(self.config)
 
-  def describe(self) -> str:
-    """'step 12 (epoch 2, val accuracy 0.9167)', or 'step 7 (mid-epoch 2)'."""
+  def describe(self, weights: str = "raw") -> str:
+    """'step 12 (epoch 2, val accuracy 0.9167)', or 'step 7 (mid-epoch 2)'; with
+    weights="ema", the weight average's val accuracy where the run recorded it."""
     last = self.progress.last_epoch
     if last is not None and last.step == self.step:
-      return f"step {self.step} (epoch {last.epoch}, val accuracy {last.val_accuracy:.4f})"
+      accuracy = last.val_accuracy
+      if weights == "ema" and last.val_ema_accuracy is not None:
+        accuracy = last.val_ema_accuracy
+      return f"step {self.step} (epoch {last.epoch}, val accuracy {accuracy:.4f})"
     return f"step {self.step} (mid-epoch {self.epoch + 1})"
 
 
@@ -179,11 +185,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def save_checkpoint(mngr, state: Any, meta: RunMeta,
                     val_accuracy: float | None = None) -> None:
   """Saves `state` with `meta` at `meta.step` (asynchronously where the manager is),
-  recording where a backbone registered outside jaxcls comes from."""
+  recording where a backbone registered outside jaxcls comes from.
+
+  `val_accuracy` (epoch ends) ranks the checkpoint for the best; the weight average's
+  accuracy, which `meta` records for the epoch ending at this step, ranks it among the
+  average's."""
   if meta.backbone_origin is None:
     meta = dataclasses.replace(
         meta, backbone_origin=backbone_origin(meta.config["model"]["name"]))
-  checkpoint.save(mngr, meta.step, state, meta.to_json(), val_accuracy=val_accuracy)
+  last = meta.progress.last_epoch
+  ema_accuracy = (last.val_ema_accuracy if val_accuracy is not None and last is not None
+                  and last.step == meta.step else None)
+  checkpoint.save(mngr, meta.step, state, meta.to_json(), val_accuracy=val_accuracy,
+                  val_ema_accuracy=ema_accuracy)
 
 
 def read_meta(mngr, step: int | None = None) -> RunMeta:
@@ -225,9 +239,10 @@ def _check_weights(weights: str, config, workdir: str) -> None:
 def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> LoadedRun:
   """The model and weights of one checkpoint, rebuilt from the checkpoint alone.
 
-  By default the checkpoint with the best validation accuracy (the latest one if none
-  was validated yet); `step` picks another. `weights="ema"` takes the weight average
-  that runs with optim.ema_decay > 0 keep beside the weights. Raises FileNotFoundError
+  By default the checkpoint where `weights` had the best validation accuracy (the
+  latest one if none was validated yet); `step` picks another. `weights="ema"` takes the
+  weight average that runs with optim.ema_decay > 0 keep beside the weights, from the
+  checkpoint where the average was best. Raises FileNotFoundError
   when there is no checkpoint and ValueError for a step that is not there.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -239,7 +254,7 @@ def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> Loa
     steps = mngr.all_steps()
     if not steps:
       raise NoCheckpointError(f"No finished checkpoint in '{workdir}'.")
-    chosen = checkpoint.best_step(mngr) if step is None else step
+    chosen = checkpoint.best_step(mngr, weights) if step is None else step
     if chosen not in steps:
       raise UnknownStepError(f"No checkpoint at step {chosen} in '{workdir}'; have "
                              f"{steps}.")
@@ -259,7 +274,7 @@ def load_run(workdir: str, step: int | None = None, weights: str = "raw") -> Loa
                {"params": state.params, "batch_stats": state.batch_stats})
   average = ", its weight average" if weights == "ema" else ""
   return LoadedRun(workdir, chosen, meta, config, model, variables,
-                   f"the {which} checkpoint: {meta.describe()}{average}")
+                   f"the {which} checkpoint: {meta.describe(weights)}{average}")
 
 
 def backbone_origin(name: str) -> dict | None:

@@ -27,6 +27,7 @@ import jaxcls
 from numerics import assert_normwise_close, displacement, tiny_cnn_training
 from conftest import tiny_config
 from jaxcls import checkpoint, metric_writers, parallel, resume, steps, train
+from jaxcls import workdir as workdir_lib
 from jaxcls.cli import common
 from jaxcls.cli import predict as predict_cli
 from jaxcls.models import create_model
@@ -366,6 +367,58 @@ def test_best_checkpoint_survives_rotation_and_early_stopping(shapes_dir, refere
   _, again = train.train_and_evaluate(config, workdir)
   assert again.stop_reason == "already_stopped_early" and again.final_step == 24
   assert committed_steps(workdir) == [12, 24]
+
+
+def scripted_validation_by_weights(raw, average):
+  """Replaces evaluation: the weights get `raw`'s accuracies in turn, their average
+  (evaluated as a state whose params are its `ema`'s) `average`'s."""
+  sequences = {"raw": iter(raw), "ema": iter(average)}
+
+  def fake_evaluate(p_eval_step, replicated_state, *args, **kwargs):
+    del p_eval_step, args, kwargs
+    ema = replicated_state.ema
+    kind = "ema" if ema is not None and replicated_state.params is ema["params"] else "raw"
+    return {"loss": 1.0, "accuracy": next(sequences[kind]), "count": 19}
+  return fake_evaluate
+
+
+def test_each_kind_of_weights_keeps_its_own_best_checkpoint(shapes_dir, tmp_path,
+                                                            monkeypatch):
+  """The weights are best at epoch 2, their average at epoch 3: `weights="ema"` loads
+  epoch 3's average, the default epoch 2's weights; keep=1 would rotate both away, and
+  early stopping waits until neither has improved for its patience."""
+  monkeypatch.setattr(train, "_evaluate", scripted_validation_by_weights(
+      raw=[0.5, 0.8, 0.6, 0.7, 0.9], average=[0.4, 0.7, 0.9, 0.85, 0.95]))
+  config = resume_config(shapes_dir, num_epochs=5, **{
+      "optim.ema_decay": 0.9, "checkpoint.keep": 1, "train.early_stopping_patience": 1})
+  workdir = str(tmp_path / "run")
+  _, final = train.train_and_evaluate(config, workdir)
+  # Epoch 3: the weights did not improve, their average did; epoch 4: neither.
+  assert final.stop_reason == "early_stopping"
+  assert final.final_step == 4 * STEPS_PER_EPOCH
+  assert committed_steps(workdir) == [12, 18, 24]  # Best weights, best average, latest.
+  mngr = checkpoint.manager(workdir, read_only=True)
+  assert (checkpoint.best_step(mngr), checkpoint.best_step(mngr, "ema")) == (12, 18)
+  progress = workdir_lib.read_meta(mngr).progress  # The latest checkpoint's record.
+  mngr.close()
+  assert (progress.best, progress.best_ema) == (workdir_lib.Best(0.8, 2, 12),
+                                                workdir_lib.Best(0.9, 3, 18))
+
+  average = predict.Predictor.from_workdir(workdir, weights="ema")
+  assert average.step == 18
+  assert average.checkpoint_description == (
+      "the best checkpoint: step 18 (epoch 3, val accuracy 0.9000), its weight average")
+  saved = saved_arrays(workdir, 18)
+  ema_leaves = [np.asarray(x) for x in jax.tree.leaves(average.variables)]
+  assert all(any(x.shape == y.shape and x.tobytes() == y.tobytes() for y in saved)
+             for x in ema_leaves)
+  raw = predict.Predictor.from_workdir(workdir)
+  assert raw.step == 12
+  assert raw.checkpoint_description == (
+      "the best checkpoint: step 12 (epoch 2, val accuracy 0.8000)")
+  # The same command again does not train past the early stop.
+  _, again = train.train_and_evaluate(config, workdir)
+  assert again.stop_reason == "already_stopped_early" and again.final_step == 24
 
 
 def can_mount_tmpfs(path) -> bool:

@@ -125,7 +125,8 @@ class Predictor:
 
     By default the checkpoint with the best validation accuracy (the latest one if none
     was validated yet); `step` picks another. `weights="ema"` uses the weight average of
-    a run trained with optim.ema_decay > 0. `checkpoint_description` says which.
+    a run trained with optim.ema_decay > 0, from the checkpoint where the average was
+    best. `checkpoint_description` says which.
     `options` are the constructor's: batch_size, workers, tta.
     """
     run = workdir_lib.load_run(workdir, step, weights)
