@@ -2,7 +2,7 @@
 
     python run_train.py --config examples/my_model.py --workdir /tmp/my_model
     jaxcls-predict --workdir /tmp/my_model /tmp/my_model/generated_shapes/disc/disc_0000.jpg
-    python -m jaxcls.benchmark step --config examples/my_model.py   # "cpu_fast_convolutions": true
+    jaxcls-benchmark step --config examples/my_model.py   # "cpu_fast_convolutions": true
 
 Trains on the demo's generated discs and stripes, 16 px, 2 epochs. jaxcls adds the head
 (dropout, `model.num_classes` outputs) on top of the features the backbone returns, and

@@ -8,7 +8,7 @@ command-line programs do that (`jaxcls.cpu.process`).
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {"train_and_evaluate": "jaxcls.train", "Predictor": "jaxcls.serve.predictor"}
 

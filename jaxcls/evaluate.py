@@ -103,7 +103,3 @@ def write_report(result: HeldOutResult, out_dir: str, *, top_k: int = 24,
            "skipped": [dict(row) for row in result.skipped]}
   return report.write_report(result.evaluation, out_dir, about, top_k=top_k, bins=bins)
 
-
-if __name__ == "__main__":  # `python -m jaxcls.evaluate`, the same as jaxcls-evaluate.
-  from jaxcls.cli.evaluate import cli
-  cli()

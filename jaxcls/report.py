@@ -613,7 +613,3 @@ def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
     f.write(_html(summary, scores, top))
   return summary
 
-
-if __name__ == "__main__":  # `python -m jaxcls.report`, kept for one release.
-  from jaxcls.cli.report import cli
-  cli()

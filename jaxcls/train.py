@@ -12,7 +12,6 @@ import functools
 import logging
 import os
 import time
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -60,12 +59,6 @@ class RunSummary:
     return {**(dataclasses.asdict(self.last_epoch) if self.last_epoch else {}),
             "final_step": self.final_step, "stop_reason": self.stop_reason,
             "resumed_from": self.resumed_from, "changed_keys": list(self.changed_keys)}
-
-  def __getitem__(self, key: str):
-    """Dict-style access, as this function's result was before 0.2 (one release)."""
-    warnings.warn("RunSummary[...] is deprecated; use its attributes (e.g. "
-                  "summary.last_epoch.val_accuracy).", DeprecationWarning, stacklevel=2)
-    return self.as_dict()[key]
 
 
 @dataclasses.dataclass

@@ -72,7 +72,7 @@ class Run:
   def __init__(self, config_file: str, workdir: str, cache_dir: str, processes: int,
                devices: int):
     self.workdir = workdir
-    command = [sys.executable, "-m", "jaxcls.main", f"--config={config_file}",
+    command = [sys.executable, "-m", "jaxcls.cli.train", f"--config={config_file}",
                f"--workdir={workdir}"]
     if processes > 1:
       command += [f"--coordinator_address=127.0.0.1:{free_port()}",

@@ -48,9 +48,10 @@ def test_demo_learns(trained):
   assert val_rows[-1]["accuracy"] == final.last_epoch.val_accuracy
   dataset = sources.build_dataset(config.data, config.seed, workdir)
   assert val_rows[-1]["count"] == len(dataset.val)  # Every validation image, once.
-  # 0.1 code read the result as a dict; that still works for one release, with a warning.
-  with pytest.warns(DeprecationWarning, match="use its attributes"):
-    assert final["val_accuracy"] == final.last_epoch.val_accuracy
+  # 0.1 code read the result as a dict; 0.2 warned, 0.3 has attributes only.
+  assert final.as_dict()["val_accuracy"] == final.last_epoch.val_accuracy
+  with pytest.raises(TypeError, match="not subscriptable"):
+    final["val_accuracy"]  # pylint: disable=pointless-statement
 
 
 def test_finished_run_does_nothing_more_and_says_so(trained, caplog):
@@ -136,7 +137,8 @@ def test_predict_cli(trained, tmp_path):
   shutil.copytree(os.path.join(workdir, "generated_shapes", "disc"), folder / "disc")
   (folder / "empty.jpg").write_bytes(b"")
   run = subprocess.run(
-      [sys.executable, "-m", "jaxcls.predict", "--workdir", workdir, "--json", str(folder)],
+      [sys.executable, "-m", "jaxcls.cli.predict", "--workdir", workdir, "--json",
+       str(folder)],
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert run.returncode == 1, run.stderr  # One file failed.
   assert "Traceback" not in run.stderr

@@ -1,6 +1,7 @@
 """A run on disk (jaxcls.workdir): the checkpoint's record, loading a run back, and
 workdirs written by jaxcls 0.1 (tests/fixtures/workdir_v0_1, trained by 0.1 on 16 px
-shapes: one epoch, CNN widths (4,), batch 8)."""
+shapes: one epoch, CNN widths (4,), batch 8) and 0.2 (tests/fixtures/workdir_v0_2: the
+same with optim.ema_decay=0.5, so with a weight average)."""
 
 import json
 import os
@@ -23,6 +24,12 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "workdir_v0_1")
 # What jaxcls 0.1 predicted with that checkpoint for the images below.
 V0_1_PROBABILITIES = [[0.3078064024448395, 0.6921935677528381],
                       [0.3223572373390198, 0.6776427626609802]]
+FIXTURE_V0_2 = os.path.join(ROOT, "tests", "fixtures", "workdir_v0_2")
+# What jaxcls 0.2 predicted (tta=False) with each of its weights, for the same images.
+V0_2_PROBABILITIES = {"raw": [[0.30742505192756653, 0.6925749182701111],
+                              [0.3225146532058716, 0.6774853467941284]],
+                      "ema": [[0.3103763163089752, 0.6896236538887024],
+                              [0.3226218819618225, 0.6773781180381775]]}
 
 
 @pytest.fixture
@@ -73,6 +80,20 @@ def test_a_version_0_1_workdir_loads_and_predicts_as_it_did(old_workdir):
   # Another implementation of the same layers (0.1's, and flax's own now): float32
   # rounding apart, through 2 convolutions of at most 36 terms and the head.
   assert normwise_error(probs, V0_1_PROBABILITIES) <= agreement(3, 36)
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_a_version_0_2_workdir_loads_and_predicts_as_it_did(tmp_path, weights):
+  old = shutil.copytree(FIXTURE_V0_2, str(tmp_path / "old"))
+  predictor = Predictor.from_workdir(old, weights=weights, tta=False)
+  average = ", its weight average" if weights == "ema" else ""
+  assert predictor.checkpoint_description == (
+      f"the best checkpoint: step 4 (epoch 1, val accuracy 0.3750){average}")
+  images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  probs, labels = predictor.predict_arrays(images)
+  assert labels.tolist() == [1, 1]
+  # As for 0.1: at most float32 rounding apart through 2 convolutions and the head.
+  assert normwise_error(probs, V0_2_PROBABILITIES[weights]) <= agreement(3, 36)
 
 
 def test_a_version_0_1_workdir_resumes(old_workdir, tmp_path):

@@ -1,6 +1,6 @@
 """Every throughput figure jaxcls measures, behind one entry point:
 
-    python -m jaxcls.benchmark NAME [ARGS]      (NAME --help for each one's flags)
+    jaxcls-benchmark NAME [ARGS]      (NAME --help for each one's flags)
 
 | NAME | module | measures |
 |---|---|---|

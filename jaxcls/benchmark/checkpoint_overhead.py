@@ -1,6 +1,6 @@
 """Step time with checkpointing off, asynchronous and synchronous.
 
-    python -m jaxcls.benchmark checkpoint [--widths 64,128,256] [--every 5] [--steps 60]
+    jaxcls-benchmark checkpoint [--widths 64,128,256] [--every 5] [--steps 60]
 
 Trains the CNN on generated shapes for one epoch of `--steps` steps three times: with no
 checkpoint inside the epoch, saving every `--every` steps asynchronously (the default),
@@ -74,7 +74,7 @@ def run(args, data_dir: str, every: int, async_save: bool) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark checkpoint",
+  parser = common.Parser(prog="jaxcls-benchmark checkpoint",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--widths", default="64,128,256")
   parser.add_argument("--image-size", type=int, default=32)

@@ -1,14 +1,14 @@
 """jaxcls against PyTorch eager on this CPU, same model, same run: images/sec and ratio.
 
-    python -m jaxcls.benchmark compare-cpu [--rounds 3] [--steps 8] \
+    jaxcls-benchmark compare-cpu [--rounds 3] [--steps 8] \
         [--variant NAME='XLA FLAGS' ...] [--env-variant NAME='KEY=VALUE ...' ...] \
         [--torch-env-variant NAME='KEY=VALUE ...' ...] [--jax-arg=--no-augment ...]
 
 Runs, `--rounds` times and interleaved (so a load change on a shared machine hits both
-alike), the jaxcls train step (`python -m jaxcls.benchmark step --config
+alike), the jaxcls train step (`jaxcls-benchmark step --config
 configs/catdog.py --config.model.name=resnet18 --config.batch_size=32`, 128 px, float32,
 SGD momentum 0.9 + weight decay, dropout 0.4) and the same step in PyTorch
-(`python -m jaxcls.benchmark torch-resnet18`), each
+(`jaxcls-benchmark torch-resnet18`), each
 in a fresh process. Prints one JSON object: every run, the median images/sec of each,
 and jaxcls / PyTorch. `--variant` adds jaxcls runs under other XLA_FLAGS ("" = none;
 "default" = what jaxcls sets by itself), to compare flags in the same interleaving;
@@ -31,10 +31,10 @@ import sys
 from jaxcls.benchmark import REPO_ROOT
 from jaxcls.cli import common
 
-JAX_CMD = [sys.executable, "-m", "jaxcls.benchmark", "step", "--config",
+JAX_CMD = [sys.executable, "-m", "jaxcls.cli.benchmark", "step", "--config",
            os.path.join(REPO_ROOT, "configs", "catdog.py"), "--config.model.name=resnet18",
            "--config.batch_size=32", "--config.data.image_size=128"]
-TORCH_CMD = [sys.executable, "-m", "jaxcls.benchmark", "torch-resnet18",
+TORCH_CMD = [sys.executable, "-m", "jaxcls.cli.benchmark", "torch-resnet18",
              "--image-size", "128", "--batch-size", "32"]
 
 
@@ -61,7 +61,7 @@ def _env_variant(item: str) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark compare-cpu",
+  parser = common.Parser(prog="jaxcls-benchmark compare-cpu",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=8)

@@ -1,6 +1,6 @@
 """ResNet-18's convolutions one by one: XLA:CPU's, jaxcls's (oneDNN) and PyTorch's.
 
-    python -m jaxcls.benchmark conv-kernels [--batch-size 32] [--image-size 128] [--rounds 11]
+    jaxcls-benchmark conv-kernels [--batch-size 32] [--image-size 128] [--rounds 11]
 
 For each convolution shape of ResNet-18 (stem, the 3×3 and strided 3×3 and 1×1
 convolutions of each stage), times the forward pass and the backward pass (input and
@@ -97,7 +97,7 @@ def _interleaved_medians(fns, rounds: int, warmup: int = 3) -> list[float]:
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark conv-kernels",
+  parser = common.Parser(prog="jaxcls-benchmark conv-kernels",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=128)

@@ -1,6 +1,6 @@
 """ResNet-50 at 224 px in bfloat16 on one accelerator: synthetic and real-loader images/sec.
 
-    python -m jaxcls.benchmark gpu [--batch-size 256] [--steps 30] [--images 3000] [--workdir DIR]
+    jaxcls-benchmark gpu [--batch-size 256] [--steps 30] [--images 3000] [--workdir DIR]
     # or: bash benchmarks/gpu.sh
 
 Two figures, printed as one JSON object (each step is the training step jaxcls runs:
@@ -47,7 +47,7 @@ def _config(args, source: str = ""):
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark gpu",
+  parser = common.Parser(prog="jaxcls-benchmark gpu",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--model", default="resnet50")

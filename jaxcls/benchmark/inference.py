@@ -1,6 +1,6 @@
 """Inference side by side: the Predictor, the jax.export file and ONNX Runtime.
 
-    python -m jaxcls.benchmark inference [--workdir DIR] [--image-size 128]
+    jaxcls-benchmark inference [--workdir DIR] [--image-size 128]
         [--widths 32,64,128,256] [--batch 64] [--repeats 5]
 
 One model, one set of images, one run: the three engines take turns, round after round,
@@ -94,7 +94,7 @@ def _decode_rate(paths: Sequence[str], image_size: int) -> tuple[np.ndarray, flo
 
 
 def build_parser() -> common.Parser:
-  parser = common.Parser(prog="python -m jaxcls.benchmark inference",
+  parser = common.Parser(prog="jaxcls-benchmark inference",
                          description=__doc__.split("\n\n")[0])
   predict_benchmark.add_model_flags(parser)
   parser.add_argument("--batch", type=int, default=64)
@@ -140,5 +140,5 @@ def _measure(argv) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxcls.benchmark inference ARGS`."""
+  """`jaxcls-benchmark inference ARGS`."""
   return common.run(lambda: _measure(argv))

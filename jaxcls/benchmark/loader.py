@@ -1,10 +1,10 @@
 """Throughput figures: does the input pipeline keep up with the train step?
 
-    python -m jaxcls.benchmark loader --config configs/catdog.py \
+    jaxcls-benchmark loader --config configs/catdog.py \
         --config.data.image_size=160 --jpegs 300 [--steps 20] [--workers 1,2] \
         [--figures decode,step,loop]
 
-(`python -m jaxcls.benchmark --config ...`, without `loader`, runs it too.)
+(`jaxcls-benchmark --config ...`, without `loader`, runs it too.)
 
 Prints one JSON object:
 - `decode_images_per_sec`: {worker count: images/sec} reading and preprocessing
@@ -247,7 +247,7 @@ def run_figures(bench: Bench, names: list[str]) -> dict:
 
 
 def build_parser() -> common.Parser:
-  parser = common.Parser(prog="python -m jaxcls.benchmark loader",
+  parser = common.Parser(prog="jaxcls-benchmark loader",
                          description=__doc__.split("\n\n")[0])
   common.add_config_flag(parser)
   parser.add_argument("--workdir", default=None,
@@ -294,5 +294,5 @@ def _measure(argv) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxcls.benchmark loader ARGS`."""
+  """`jaxcls-benchmark loader ARGS`."""
   return common.run(lambda: _measure(argv))

@@ -1,6 +1,6 @@
 """How fast predict answers: cold start, warm latency and batch throughput.
 
-    python -m jaxcls.benchmark predict [--workdir DIR] [--image-size 128]
+    jaxcls-benchmark predict [--workdir DIR] [--image-size 128]
         [--widths 32,64,128,256] [--repeats 3] [--batch 256] [--json]
 
 - cold start: wall time from launching `jaxcls-predict` on one image to its
@@ -210,7 +210,7 @@ def _report(info: dict, cold: dict | None, warm: dict) -> str:
 
 
 def build_parser() -> common.Parser:
-  parser = common.Parser(prog="python -m jaxcls.benchmark predict",
+  parser = common.Parser(prog="jaxcls-benchmark predict",
                          description=__doc__.split("\n\n")[0])
   add_model_flags(parser)
   parser.add_argument("--repeats", type=int, default=3)
@@ -244,5 +244,5 @@ def _measure(argv) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxcls.benchmark predict ARGS`."""
+  """`jaxcls-benchmark predict ARGS`."""
   return common.run(lambda: _measure(argv))

@@ -1,6 +1,6 @@
 """How long `jaxcls-report` takes for a few thousand validation images on a CPU.
 
-    python -m jaxcls.benchmark report-speed [--per-class 1250] [--image-size 64] [--workdir DIR]
+    jaxcls-benchmark report-speed [--per-class 1250] [--image-size 64] [--workdir DIR]
 
 Trains the demo recipe for one epoch on generated shapes with 80 % of the images held
 out for validation (so the report has thousands to evaluate), then times the report:
@@ -18,7 +18,7 @@ from jaxcls.cli import common
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark report-speed",
+  parser = common.Parser(prog="jaxcls-benchmark report-speed",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--per-class", type=int, default=1250)
   parser.add_argument("--image-size", type=int, default=64)

@@ -1,6 +1,6 @@
 """How fast the HTTP server answers, against the same images through the Predictor.
 
-    python -m jaxcls.benchmark serve [--workdir DIR] [--image-size 128]
+    jaxcls-benchmark serve [--workdir DIR] [--image-size 128]
         [--widths 32,64,128,256] [--concurrency 1,8,32] [--requests 320] [--images 64]
         [--max-batch 32 | --batch-sizes 1,8,32] [--max-wait-ms 5]
 
@@ -169,7 +169,7 @@ def predictor_rate(workdir: str, images: list[bytes], batch: int,
 
 
 def build_parser() -> common.Parser:
-  parser = common.Parser(prog="python -m jaxcls.benchmark serve",
+  parser = common.Parser(prog="jaxcls-benchmark serve",
                          description=__doc__.split("\n\n")[0])
   add_model_flags(parser)
   parser.add_argument("--concurrency", default="1,8,32",
@@ -218,5 +218,5 @@ def _measure(argv) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxcls.benchmark serve ARGS`."""
+  """`jaxcls-benchmark serve ARGS`."""
   return common.run(lambda: _measure(argv))

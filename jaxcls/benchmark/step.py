@@ -1,6 +1,6 @@
 """How fast the train step is, and how close it comes to what the machine can do.
 
-    python -m jaxcls.benchmark step --config configs/catdog.py [--steps 10] \
+    jaxcls-benchmark step --config configs/catdog.py [--steps 10] \
         [--no-augment] [--config.model.name=resnet18 --config.batch_size=32 ...]
 
 Prints one JSON object: the first step's compile time, XLA's FLOPs per image of the
@@ -206,7 +206,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
 
 def build_parser() -> common.Parser:
   parser = common.Parser(
-      prog="python -m jaxcls.benchmark step", description=__doc__.split("\n\n")[0],
+      prog="jaxcls-benchmark step", description=__doc__.split("\n\n")[0],
       epilog="Any --config.KEY=VALUE overrides the recipe, as in training.")
   common.add_config_flag(parser)
   parser.add_argument("--steps", type=common.positive_int, default=10,
@@ -234,5 +234,5 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxcls.benchmark step ARGS`."""
+  """`jaxcls-benchmark step ARGS`."""
   return common.run(lambda: run([] if argv is None else argv) and 0)

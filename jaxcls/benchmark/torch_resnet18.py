@@ -1,9 +1,9 @@
 """PyTorch eager reference for the jaxcls train step: ResNet-18, CPU, channels-last.
 
-    python -m jaxcls.benchmark torch-resnet18 [--steps 10] [--warmup 2] [--image-size 128] \
+    jaxcls-benchmark torch-resnet18 [--steps 10] [--warmup 2] [--image-size 128] \
         [--batch-size 32] [--threads N]
 
-The same model and step as `python -m jaxcls.benchmark step --config configs/catdog.py
+The same model and step as `jaxcls-benchmark step --config configs/catdog.py
 --config.model.name=resnet18 --config.batch_size=32`: torchvision's ResNet-18 layout
 (written out here, torchvision is not needed), dropout 0.4 before a 2-class linear head,
 SGD with momentum 0.9 and weight decay 5e-4, float32, synthetic batches already in
@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-import torch  # This benchmark only: `python -m jaxcls.benchmark torch-resnet18`.
+import torch  # This benchmark only: `jaxcls-benchmark torch-resnet18`.
 from torch import nn
 
 from jaxcls.cli import common
@@ -104,7 +104,7 @@ def measure(steps: int = 10, warmup: int = 2, image_size: int = 128,
 
 
 def main(argv=None) -> int:
-  parser = common.Parser(prog="python -m jaxcls.benchmark torch-resnet18",
+  parser = common.Parser(prog="jaxcls-benchmark torch-resnet18",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)

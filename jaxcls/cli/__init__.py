@@ -2,7 +2,7 @@
 
 | program | module |
 |---|---|
-| `python run_train.py`, `jaxcls-train` | train.py |
+| `jaxcls-train` (also `python run_train.py`) | train.py |
 | `jaxcls-predict` | predict.py |
 | `jaxcls-export` | export.py |
 | `jaxcls-report` | report.py |
@@ -10,7 +10,10 @@
 | `jaxcls-serve` | serve.py |
 | `jaxcls-inspect` | inspect.py |
 | `jaxcls-pretrained import` | pretrained.py |
-| `python -m jaxcls.benchmark`, `jaxcls-benchmark` | benchmark.py |
+| `jaxcls-benchmark NAME` | benchmark.py (the benchmarks themselves: jaxcls/benchmark/) |
 
-Each is also `python -m jaxcls.cli.NAME`.
+Each `jaxcls-NAME` is also `python -m jaxcls.cli.NAME`, the one module form (for an
+interpreter whose scripts are not on PATH). Programs import the library, never the
+other way round: no module outside jaxcls/cli/ and jaxcls/benchmark/ imports this
+package (tests/test_layout.py).
 """

@@ -1,5 +1,6 @@
-"""The one entry point of the benchmarks: `python -m jaxcls.benchmark NAME [ARGS]`
-(also `jaxcls-benchmark`). Without NAME, flags go to `loader`, as before 0.2."""
+"""The one entry point of the benchmarks: `jaxcls-benchmark NAME [ARGS]` (also
+`python -m jaxcls.cli.benchmark NAME [ARGS]`). Without NAME, flags go to `loader`, as
+before 0.2."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from jaxcls.benchmark import COMMANDS  # Light: names only.
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] in ("-h", "--help"):
-    print("usage: python -m jaxcls.benchmark NAME [ARGS]   (NAME --help for its flags)\n"
+    print("usage: jaxcls-benchmark NAME [ARGS]   (NAME --help for its flags)\n"
           f"NAME: {', '.join(COMMANDS)}")
     return 0
   name = argv.pop(0) if argv and not argv[0].startswith("-") else "loader"

@@ -9,7 +9,7 @@ faults drop to about 700 per step, and the step takes 0.85 of its time for ResNe
 against 466 ms) and 0.91 for the catdog CNN (benchmarks/README.md).
 
 glibc reads its tunables once, when the process starts, so the training and benchmark
-programs (`run_train.py`, `jaxcls-train`, `python -m jaxcls.benchmark`) call
+programs (`run_train.py`, `jaxcls-train`, `jaxcls-benchmark`) call
 `reexec_with_tuned_allocator()` first (through `jaxcls.cpu.process.configure_process`):
 when the tunable would help and is not set, it
 re-executes the same command with it added to `GLIBC_TUNABLES`. Importing jaxcls as a

@@ -70,7 +70,3 @@ def write_grid(images, labels, class_names, path: str) -> None:
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
-
-if __name__ == "__main__":  # `python -m jaxcls.data.inspect`, kept for one release.
-  from jaxcls.cli.inspect import cli
-  cli()

@@ -23,7 +23,7 @@ def test_a_benchmark_rejects_an_unknown_flag_with_one_error_line(name, capsys):
   # Those with a required flag name it first; the others the unknown one.
   assert err.startswith(("error: unrecognized arguments: --no-such-flag",
                          "error: the following arguments are required: --config")), err
-  assert err.strip().endswith(f"(see python -m jaxcls.benchmark {name} --help)"), err
+  assert err.strip().endswith(f"(see jaxcls-benchmark {name} --help)"), err
 
 
 def test_benchmarks_find_the_recipes_where_they_start_their_children():

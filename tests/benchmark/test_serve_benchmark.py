@@ -1,4 +1,4 @@
-"""`python -m jaxcls.benchmark serve`: it runs, and its figures add up."""
+"""`jaxcls-benchmark serve`: it runs, and its figures add up."""
 
 import json
 

@@ -100,11 +100,10 @@ def test_step_flops_count_onednn_convolutions(make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["jaxcls.benchmark", "step"], ["jaxcls.step_benchmark"]])
-def test_benchmark_step_command_lines_exit_zero_with_json(tmp_path, command):
+def test_benchmark_step_command_line_exits_zero_with_json(tmp_path):
   recipe = _tiny_recipe(tmp_path)
   result = subprocess.run(
-      [sys.executable, "-m", *command, "--config", str(recipe),
+      [sys.executable, "-m", "jaxcls.cli.benchmark", "step", "--config", str(recipe),
        "--steps", "1", "--warmup", "0", "--matmul-size", "128"],
       capture_output=True, text=True, timeout=120, cwd=ROOT,
       env={**os.environ, "PYTHONPATH": ROOT})
@@ -120,7 +119,7 @@ def test_benchmark_step_command_lines_exit_zero_with_json(tmp_path, command):
 def test_conv_kernels_benchmark_adds_up_every_resnet18_convolution():
   pytest.importorskip("torch")
   result = subprocess.run(
-      [sys.executable, "-m", "jaxcls.benchmark", "conv-kernels", "--batch-size", "2",
+      [sys.executable, "-m", "jaxcls.cli.benchmark", "conv-kernels", "--batch-size", "2",
        "--image-size", "32", "--rounds", "1", "--threads", "1"], capture_output=True,
       text=True, check=True, timeout=300, cwd=ROOT)
   report = json.loads(result.stdout.strip().splitlines()[-1])

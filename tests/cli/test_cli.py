@@ -112,7 +112,7 @@ TRAIN_FLAGS = ("--config", "--workdir", "--resume", "--distributed",
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [[sys.executable, "run_train.py"],
                                      [os.path.join(BIN, "jaxcls-train")],
-                                     [sys.executable, "-m", "jaxcls.main"]])
+                                     [sys.executable, "-m", "jaxcls.cli.train"]])
 def test_training_help_lists_every_flag_with_its_help(command):
   result = _run(command + ["--help"])
   assert result.returncode == 0, result.stderr
@@ -145,11 +145,17 @@ def test_every_installed_program_is_checked_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("program, flags", PROGRAM_FLAGS)
-def test_every_program_lists_its_flags(program, flags):
-  result = _run([os.path.join(BIN, program), "--help"])
-  assert result.returncode == 0, result.stderr
+def test_every_program_lists_its_flags_as_script_and_module(program, flags):
+  """`jaxcls-NAME --help` lists its flags, and `python -m jaxcls.cli.NAME --help`, the
+  one module form of every program, is the same program."""
+  script = _run([os.path.join(BIN, program), "--help"])
+  assert script.returncode == 0, script.stderr
   for flag in flags:
-    assert flag in result.stdout, (program, flag)
+    assert flag in script.stdout, (program, flag)
+  module = _run([sys.executable, "-m", "jaxcls.cli." + program.removeprefix("jaxcls-"),
+                 "--help"])
+  assert module.returncode == 0, module.stderr
+  assert module.stdout == script.stdout
 
 
 @pytest.mark.slow
@@ -174,15 +180,3 @@ def test_programs_fail_with_one_error_line_and_status_2(args, message):
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith(message), result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("module, program", [
-    ("jaxcls.evaluate", "jaxcls-evaluate"), ("jaxcls.predict", "jaxcls-predict"),
-    ("jaxcls.report", "jaxcls-report"), ("jaxcls.pretrained", "jaxcls-pretrained"),
-    ("jaxcls.serve", "jaxcls-serve"), ("jaxcls.export", "jaxcls-export")])
-def test_python_dash_m_forms_are_the_same_programs(module, program):
-  ours = _run([sys.executable, "-m", module, "--help"])
-  theirs = _run([os.path.join(BIN, program), "--help"])
-  assert ours.returncode == theirs.returncode == 0, ours.stderr
-  assert ours.stdout.split("\n", 1)[1] == theirs.stdout.split("\n", 1)[1]  # Bar "usage:".

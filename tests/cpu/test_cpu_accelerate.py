@@ -164,7 +164,7 @@ def test_a_user_model_in_its_own_config_file_trains_and_runs_onednn(tmp_path):
                            capture_output=True, text=True, timeout=600, env=env)
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert re.search(r"Done: epoch 2, val accuracy \d\.\d{4}", trained.stdout)
-  measured = subprocess.run([sys.executable, "-m", "jaxcls.benchmark", "step", "--config",
+  measured = subprocess.run([sys.executable, "-m", "jaxcls.cli.benchmark", "step", "--config",
                              recipe, "--steps", "1", "--warmup", "1"],
                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
   assert measured.returncode == 0, measured.stderr[-3000:]

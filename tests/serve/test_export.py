@@ -1,4 +1,4 @@
-"""jaxcls.export: a file that runs with jax and numpy alone and matches the Predictor."""
+"""jaxcls.serve.export: a file that runs with jax and numpy alone and matches the Predictor."""
 
 import json
 import os

@@ -327,7 +327,7 @@ def test_second_cli_run_uses_the_compilation_cache(predict_workdir, shapes_dir, 
              JAXCLS_COMPILATION_CACHE=str(cache), XDG_CACHE_HOME=str(tmp_path / "xdg"))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # conftest's shared test cache.
   image = os.path.join(shapes_dir, "disc", "disc_0001.png")
-  command = [sys.executable, "-m", "jaxcls.predict", "--workdir", predict_workdir, image]
+  command = [sys.executable, "-m", "jaxcls.cli.predict", "--workdir", predict_workdir, image]
   first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
                          cwd=REPO)
   assert first.returncode == 0, first.stderr

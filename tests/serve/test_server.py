@@ -440,11 +440,11 @@ def _lines(stream, into: queue.Queue):
 
 @pytest.mark.slow
 def test_program_serves_until_ctrl_c(predict_workdir, predictor, tmp_path):
-  """`python -m jaxcls.serve --port 0`: announces its URL once compiled, answers as
+  """`python -m jaxcls.cli.serve --port 0`: announces its URL once compiled, answers as
   the Predictor does, stops on SIGINT with status 0."""
   with open(tmp_path / "stderr.txt", "w") as err:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxcls.serve", "--workdir", predict_workdir,
+        [sys.executable, "-m", "jaxcls.cli.serve", "--workdir", predict_workdir,
          "--port", "0", "--batch-sizes", "1,2,8"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=err, text=True, env={**os.environ, "PYTHONPATH": ROOT})
   lines = queue.Queue()
