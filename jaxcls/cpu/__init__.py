@@ -12,8 +12,9 @@ same results to float32 rounding:
   `nn.max_pool` and any `lax.reduce_window` max.
 
 The first two work through flax's method interception while the wrapped function is
-traced; the third is a lowering registered for the CPU platform once per process. On
-GPUs and TPUs `accelerate` changes nothing. `JAXCLS_CPU_LAYERS=0` in the environment,
+traced; the third is a lowering registered for the CPU platform once per process. Where
+JAX's backend is not the CPU nothing here acts (`backend.py` answers; docs/cpu.md, "Off
+the CPU"): no rewrite, no oneDNN build, no process option. `JAXCLS_CPU_LAYERS=0` in the environment,
 or `disabled()` around tracing, turns all of it off.
 
 Process options that only a program's entry point may set (before JAX starts) live here

@@ -22,13 +22,16 @@ library never does this. It is skipped when any of these holds:
 - the program was read from standard input, or the session is interactive;
 - `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb`, or `LD_PRELOAD` loads another
   allocator (tcmalloc, jemalloc, mimalloc);
-- the process was already re-executed once.
+- the process was already re-executed once;
+- JAX will not run on the CPU (`jaxcls.cpu.backend.will_be_cpu`: a GPU or TPU host).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from jaxcls.cpu import backend
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -90,7 +93,9 @@ def tuned_environment(environ, *, platform: str, libc: tuple[int, int] | None,
 
 
 def tuned_environment_here(environ=os.environ) -> dict | None:
-  """`tuned_environment` for this machine and process."""
+  """`tuned_environment` for this machine and process; None off the CPU backend."""
+  if not backend.will_be_cpu(environ):
+    return None
   return tuned_environment(environ, platform=sys.platform, libc=glibc_version(),
                            thp=thp_mode())
 

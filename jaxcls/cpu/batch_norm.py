@@ -1,5 +1,5 @@
 """`flax.linen.BatchNorm` in training mode, rewritten for XLA:CPU: same variables, same
-statistics, a hand-written gradient.
+statistics, a hand-written derivative.
 
 XLA:CPU fuses per-channel sums over [N, H, W] (the statistics in the forward pass, the
 scale/bias gradients and the statistics' cotangents in the backward pass) with their
@@ -16,8 +16,10 @@ float32 reductions. It creates the module's variables exactly as flax does (`par
 the biased batch variance E[x²] − E[x]² as flax does, and updates the running averages
 with flax's rule (momentum × old + (1 − momentum) × batch), averaging over `axis_name`.
 
-Differences from flax's layer, none of which jaxcls relies on: reverse-mode only (a
-custom VJP: no `jax.jvp`); no gradient flows through the running averages.
+Its derivative is a hand-written forward-mode rule (a custom JVP), which JAX transposes
+into the backward pass, so `jax.jvp`, `jax.grad` and their compositions (Hessian-vector
+products) all work. One difference from flax's layer, which jaxcls does not rely on: no
+gradient flows through the running averages.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.interpreters import ad, batching, mlir
 
 _MAX_GROUPS = 64
 
@@ -66,42 +71,83 @@ def statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Arra
   return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _normalize_train(x, scale, bias, epsilon, axis_name):
-  return _normalize_train_fwd(x, scale, bias, epsilon, axis_name)[0]
+def _broadcast(v, *, shape):
+  return lax.broadcast_in_dim(v, shape, (len(shape) - 1,))
 
 
-def _normalize_train_fwd(x, scale, bias, epsilon, axis_name):
+# Per-channel values spread over [..., C]: a plain broadcast, whose transpose (what the
+# backward pass runs where the forward pass broadcast) is `channel_sums`, a
+# matrix-vector product, rather than XLA's strided reduction.
+_broadcast_p = jax.extend.core.Primitive("jaxcls_broadcast_channels")
+_broadcast_p.def_impl(_broadcast)
+_broadcast_p.def_abstract_eval(
+    lambda v, *, shape: jax.core.ShapedArray(shape, v.dtype))
+mlir.register_lowering(_broadcast_p, mlir.lower_fun(_broadcast, multiple_results=False))
+ad.deflinear2(_broadcast_p,
+              lambda ct, v, *, shape: [channel_sums(ct).astype(v.aval.dtype)])
+batching.primitive_batchers[_broadcast_p] = lambda args, dims, *, shape: (
+    jax.vmap(functools.partial(_broadcast, shape=shape), in_axes=dims)(*args), 0)
+
+
+def _spread(v, shape):
+  return _broadcast_p.bind(v, shape=tuple(shape))
+
+
+def _forward(x, scale, bias, epsilon, axis_name):
+  """(y, mean, var), and what the tangents need: x in float32 centred, and 1/σ."""
   mean, var = statistics(x, axis_name)
   inv = lax.rsqrt(var + epsilon)
+  centred = x.astype(jnp.float32) - mean
   # Centre and scale in float32, one rounding to x's dtype at the end (as flax does):
   # in bfloat16, x·mul and mean·mul would be rounded apart and then cancel.
-  y = ((x.astype(jnp.float32) - mean) * (scale * inv) + bias).astype(x.dtype)
-  return (y, mean, var), (x, mean, inv, scale)
+  y = (centred * (scale * inv) + bias).astype(x.dtype)
+  return (y, mean, var), (centred, inv)
 
 
-def _normalize_train_bwd(epsilon, axis_name, residuals, cotangents):
-  del epsilon
-  x, mean, inv, scale = residuals
-  dy = cotangents[0]  # The statistics feed only the running averages: no cotangent.
-  count = x.size // x.shape[-1]
-  dyf = dy.astype(jnp.float32)
-  centred = x.astype(jnp.float32) - mean
-  dbias = channel_sums(dyf)
-  dscale = channel_sums(dyf * centred) * inv  # Σ dy · x̂, centred before the sum.
-  totals = jnp.stack([dbias, dscale])
-  if axis_name is not None:
-    # The statistics came from every device, so every device's cotangents flow back.
-    totals = lax.psum(totals, axis_name)
-    count = count * lax.psum(1, axis_name)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _normalize_train(x, scale, bias, epsilon, axis_name):
+  return _forward(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _normalize_train_jvp(epsilon, axis_name, primals, tangents):
+  """The tangents, written so that their transpose is the backward pass wanted.
+
+  With x̂ = (x − μ)/σ and y = γ·x̂ + β: dy = (γ/σ)·(dx − dμ) − (γ/σ³)·(x − μ)·c + x̂·dγ + dβ,
+  where dμ = mean(dx) and c = mean((x − μ)·dx) = dσ²/2. Every per-channel term goes
+  through `_spread`, grouped so that the transpose makes two sums, Σ dy and
+  Σ (x − μ)·dy, both matrix-vector products, and dx in one elementwise pass.
+  """
+  x, scale, bias = primals
+  tx, tscale, tbias = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  (y, mean, var), (centred, inv) = _forward(x, scale, bias, epsilon, axis_name)
   mul = scale * inv
-  # dx = mul · (dy − mean(dy) − x̂ · mean(dy · x̂)), in float32, rounded once.
-  coef_x = -mul * inv * totals[1] / count
-  dx = mul * (dyf - totals[0] / count) + coef_x * centred
-  return dx.astype(dy.dtype), dscale, dbias
+  terms, slope, shift = [], [], []  # Terms of dy; per-channel multiples of x − μ; shifts.
+  t_mean = t_var = jnp.zeros_like(mean)
+  if tx is not None:
+    txf = tx.astype(jnp.float32)
+    moments = jnp.stack([channel_sums(txf), channel_sums(centred * txf)]) / (
+        x.size // x.shape[-1])
+    if axis_name is not None:
+      moments = lax.pmean(moments, axis_name)
+    t_mean, t_var = moments[0], 2 * moments[1]
+    terms.append(mul * txf)
+    shift.append(-mul * t_mean)
+    slope.append(-mul * inv * inv * moments[1])
+  if tscale is not None:
+    slope.append(tscale * inv)
+  if tbias is not None:
+    shift.append(tbias.astype(jnp.float32))
+  if slope:
+    terms.append(centred * _spread(sum(slope[1:], slope[0]), x.shape))
+  if shift:
+    terms.append(_spread(sum(shift[1:], shift[0]), x.shape))
+  if not terms:
+    terms.append(jnp.zeros(x.shape, jnp.float32))
+  ty = sum(terms[1:], terms[0]).astype(y.dtype)
+  return (y, mean, var), (ty, t_mean, t_var)
 
 
-_normalize_train.defvjp(_normalize_train_fwd, _normalize_train_bwd)
+_normalize_train.defjvp(_normalize_train_jvp, symbolic_zeros=True)
 
 
 def supported(module: nn.BatchNorm, x, use_running_average, mask) -> bool:

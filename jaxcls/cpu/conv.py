@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import ad, batching, mlir
 
 from jaxcls.cpu import onednn, switch
 
@@ -31,16 +33,68 @@ def _static(value):
   return value
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x, w, options):
+def _lax_conv(x, w, *, options):
+  """lax's convolution, its options a hashable tuple of (name, value) pairs."""
   return lax.conv_general_dilated(x, w, **dict(options))
 
 
-def _conv_fwd(x, w, options):
-  return _conv(x, w, options), (x, w)
+# XLA's convolution as a primitive of its own, so that its transposes (the backward
+# pass) are the ones below, and forward-mode differentiation (jax.jvp) is the product rule
+# through the same primitive: every order, in both modes, gets them. Its third operand,
+# a boolean read from the weights, is the predicate of `_stored`'s conditional: the
+# weight gradient is the transpose in `w`, which then has no value to read.
+_conv_p = jax.extend.core.Primitive("jaxcls_xla_conv")
+_conv_p.def_impl(lambda x, w, flag, *, options: _lax_conv(x, w, options=options))
 
 
-def _stored(x, w, perm):
+@_conv_p.def_abstract_eval
+def _conv_type(x, w, flag, *, options):
+  out = jax.eval_shape(functools.partial(_lax_conv, options=options), x, w)
+  if getattr(out, "sharding", None) is None:
+    return jax.core.ShapedArray(out.shape, out.dtype)
+  return jax.core.ShapedArray(out.shape, out.dtype, sharding=out.sharding)
+
+
+
+mlir.register_lowering(_conv_p, mlir.lower_fun(
+    lambda x, w, flag, *, options: _lax_conv(x, w, options=options),
+    multiple_results=False))
+# Under vmap, lax's own batched convolution (its gradient is then lax's too).
+batching.primitive_batchers[_conv_p] = lambda args, dims, *, options: (jax.vmap(
+    functools.partial(_lax_conv, options=options), in_axes=dims[:2])(*args[:2]), 0)
+
+
+def _conv(x, w, options):
+  flag = w.reshape(-1)[0] > 0 if w.size else jnp.bool_(True)
+  return _conv_p.bind(x, w, flag, options=options)
+
+
+def _conv_jvp(primals, tangents, *, options):
+  x, w, flag = primals
+  tx, tw, _ = tangents
+  y = _conv_p.bind(x, w, flag, options=options)
+  terms = ([_conv_p.bind(tx, w, flag, options=options)] if type(tx) is not ad.Zero else []
+           ) + ([_conv_p.bind(x, tw, flag, options=options)] if type(tw) is not ad.Zero
+                else [])
+  if not terms:
+    return y, ad.Zero(jax.typeof(y).to_tangent_aval())
+  return y, functools.reduce(jnp.add, terms)
+
+
+def _conv_transpose(dy, x, w, flag, *, options):
+  """The transpose in whichever of `x` and `w` is the linear (undefined) operand."""
+  if ad.is_undefined_primal(x):
+    return [None if type(dy) is ad.Zero else _input_gradient(dy, x.aval, w, options),
+            None, None]
+  return [None, None if type(dy) is ad.Zero else _weight_gradient(dy, x, w.aval, flag,
+                                                                  options), None]
+
+
+ad.primitive_jvps[_conv_p] = _conv_jvp
+ad.primitive_transposes[_conv_p] = _conv_transpose
+
+
+def _stored(x, flag, perm):
   """`x`, read back through a conditional so that XLA transposes the stored array.
 
   The weight gradient's convolution wants its input with the batch and feature axes
@@ -51,32 +105,33 @@ def _stored(x, w, perm):
   Fusion does not reach across a conditional: its operand must be stored, and the
   transpose (the branch's layout change, or XLA's copy right after it) reads that.
   Both branches are the same function, so whichever the predicate picks, the result is
-  `x`, bit for bit. The predicate reads the weights: under `jax.vmap` with shared
-  weights it stays a plain boolean and the conditional stays a conditional.
+  `x`, bit for bit. The predicate `flag` is read from the weights: under `jax.vmap` with
+  shared weights it stays a plain boolean and the conditional stays a conditional.
   """
-  if x.size == 0 or w.size == 0:
+  if x.size == 0:
     return x
   flip = lambda a: jnp.transpose(a, perm)
-  flipped = lax.cond(w.reshape(-1)[0] > 0, flip, flip, x)
+  flipped = lax.cond(flag, flip, flip, x)
   return jnp.transpose(flipped, perm)  # perm swaps two axes: its own inverse.
 
 
-def _conv_bwd(options, residuals, dy):
-  x, w = residuals
-  kwargs = dict(options)
-  conv = functools.partial(lax.conv_general_dilated, **kwargs)
+def _input_gradient(dy, x_type, w, options):
+  conv = functools.partial(_lax_conv, options=options)
+  x_type = jax.ShapeDtypeStruct(x_type.shape, x_type.dtype)
   # Linear transposes: no forward convolution is evaluated, even outside jit.
-  dx, = jax.linear_transpose(lambda a: conv(a, w), x)(dy)
-  specs = lax.conv_dimension_numbers(x.shape, w.shape, kwargs["dimension_numbers"])
+  return jax.linear_transpose(lambda a: conv(a, w), x_type)(dy)[0]
+
+
+def _weight_gradient(dy, x, w_type, flag, options):
+  """lax's weight gradient, reading `x` back from where it is stored (`_stored`)."""
+  specs = lax.conv_dimension_numbers(x.shape, w_type.shape,
+                                     dict(options)["dimension_numbers"])
   batch, feature = specs.lhs_spec[:2]
   perm = list(range(x.ndim))
   perm[batch], perm[feature] = feature, batch
-  xs = _stored(x, w, tuple(perm))
-  dw, = jax.linear_transpose(lambda b: conv(xs, b), w)(dy)
-  return dx, dw
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+  xs = _stored(x, flag, tuple(perm)) if w_type.size else x
+  w_type = jax.ShapeDtypeStruct(w_type.shape, w_type.dtype)
+  return jax.linear_transpose(lambda b: _lax_conv(xs, b, options=options), w_type)(dy)[0]
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -88,7 +143,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   oneDNN's kernels where `_onednn_geometry` accepts the call: values and gradients of
   every order equal lax's to float32 rounding (tested). Elsewhere XLA's own, with a
   faster weight gradient: lax's values and gradients bit for bit, under jit, pmap and
-  vmap (tested). Reverse-mode only, like this module's batch norm (no `jax.jvp`).
+  vmap (tested). Both differentiate in forward mode (`jax.jvp`) as in reverse.
   """
   options = dict(window_strides=_static(window_strides), padding=_static(padding),
                  lhs_dilation=_static(lhs_dilation), rhs_dilation=_static(rhs_dilation),

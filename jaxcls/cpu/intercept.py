@@ -9,14 +9,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from jaxcls.cpu import batch_norm, conv, max_pool, onednn, switch
+from jaxcls.cpu import backend, batch_norm, conv, max_pool, onednn, switch
 
 ONEDNN_TARGET_PREFIX = onednn.TARGET_PREFIX
 
 
 def active() -> bool:
   """True when a function traced now gets the CPU layers."""
-  return jax.default_backend() == "cpu" and not switch.turned_off()
+  return backend.is_cpu() and not switch.turned_off()
 
 
 def _intercept(next_fun, args, kwargs, context):

@@ -34,7 +34,13 @@ import subprocess
 import tempfile
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.interpreters import ad, batching, mlir
+
+from jaxcls.cpu import backend
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,9 @@ def _library() -> ctypes.CDLL | None:
   global _reason
   if os.environ.get("JAXCLS_ONEDNN", "1") == "0":
     _reason = "turned off by JAXCLS_ONEDNN=0"
+    return None
+  if not backend.is_cpu():  # Nothing is built or registered for a GPU or TPU host.
+    _reason = f"JAX's default backend is {jax.default_backend()}, not the CPU"
     return None
   if platform.system() != "Linux" or platform.machine() != "x86_64":
     _reason = f"built for Linux x86-64 only, not {platform.system()} {platform.machine()}"
@@ -171,49 +180,64 @@ def _call(target, shape, a, b, g):
                           vmap_method="sequential")(a, b, **attrs)
 
 
-# The three convolutions are each other's gradients, so every order of reverse-mode
-# differentiation stays in oneDNN: with y = conv(x, w), dx = backward_data(dy, w) and
-# dw = backward_weights(x, dy) all bilinear, <dx', backward_data(dy, w)> =
-# <conv(dx', w), dy> and <dw', backward_weights(x, dy)> = <conv(x, dw'), dy>.
+# The three convolutions are each other's derivatives: with y = conv(x, w),
+# dx = backward_data(dy, w) and dw = backward_weights(x, dy), all bilinear,
+# <dx', backward_data(dy, w)> = <conv(dx', w), dy> and
+# <dw', backward_weights(x, dy)> = <conv(x, dw'), dy>. Each is a JAX primitive whose
+# forward-mode rule is the product rule and whose transposes are the other two, so
+# every order of differentiation, forward (jax.jvp) and reverse, stays in oneDNN.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+
+def _primitive(target, out_shape):
+  """A bilinear primitive running one of the library's handlers."""
+  primitive = jax.extend.core.Primitive(TARGET_PREFIX + target)
+  call = lambda a, b, *, geom: _call(target, out_shape(geom), a, b, geom)
+  primitive.def_impl(call)
+  primitive.def_abstract_eval(
+      lambda a, b, *, geom: jax.core.ShapedArray(out_shape(geom), np.float32))
+  mlir.register_lowering(primitive, mlir.lower_fun(call, multiple_results=False),
+                         platform="cpu")
+  batching.primitive_batchers[primitive] = functools.partial(_one_by_one, primitive)
+  return primitive
+
+
+def _one_by_one(primitive, args, dims, *, geom):
+  """vmap: the batched operands one slice at a time (the library's shapes are fixed)."""
+  mapped = [d is not None for d in dims]  # None: not batched.
+  moved = [jnp.moveaxis(a, d, 0) if m else a for a, d, m in zip(args, dims, mapped)]
+
+  def one(slices):
+    taken = iter(slices)
+    return primitive.bind(*[next(taken) if m else a for a, m in zip(moved, mapped)],
+                          geom=geom)
+
+  return lax.map(one, [a for a, m in zip(moved, mapped) if m]), 0
+
+
+_forward_p = _primitive("forward", _out_shape)
+_backward_data_p = _primitive("backward_data", lambda g: g[:4])
+_backward_weights_p = _primitive("backward_weights", lambda g: (g[5], g[6], g[3], g[4]))
+ad.defbilinear(_forward_p,
+               lambda dy, x, w, *, geom: backward_data(dy, w, geom),
+               lambda dy, x, w, *, geom: backward_weights(x, dy, geom))
+ad.defbilinear(_backward_data_p,
+               lambda ddx, dy, w, *, geom: conv(ddx, w, geom),
+               lambda ddx, dy, w, *, geom: backward_weights(ddx, dy, geom))
+ad.defbilinear(_backward_weights_p,
+               lambda ddw, x, dy, *, geom: backward_data(dy, ddw, geom),
+               lambda ddw, x, dy, *, geom: conv(x, ddw, geom))
+
+
 def conv(x, w, g):
   """y = conv(x, w) for NHWC `x`, HWIO `w` and a `geometry(...)` `g`."""
-  return _call("forward", _out_shape(g), x, w, g)
+  return _forward_p.bind(x, w, geom=g)
 
 
-def _conv_bwd(g, residuals, dy):
-  x, w = residuals
-  return backward_data(dy, w, g), backward_weights(x, dy, g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def backward_data(dy, w, g):
   """The input gradient of `conv` for the output gradient `dy`."""
-  return _call("backward_data", g[:4], dy, w, g)
+  return _backward_data_p.bind(dy, w, geom=g)
 
 
-def _backward_data_bwd(g, residuals, ddx):
-  dy, w = residuals
-  return conv(ddx, w, g), backward_weights(ddx, dy, g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def backward_weights(x, dy, g):
   """The weight gradient of `conv` at input `x` for the output gradient `dy`."""
-  return _call("backward_weights", (g[5], g[6], g[3], g[4]), x, dy, g)
-
-
-def _backward_weights_bwd(g, residuals, ddw):
-  x, dy = residuals
-  return backward_data(dy, ddw, g), conv(x, ddw, g)
-
-
-def _keeping_operands(fn):
-  """A forward rule: `fn`'s value, with both operands kept for the backward rule."""
-  return lambda a, b, g: (fn(a, b, g), (a, b))
-
-
-conv.defvjp(_keeping_operands(conv), _conv_bwd)
-backward_data.defvjp(_keeping_operands(backward_data), _backward_data_bwd)
-backward_weights.defvjp(_keeping_operands(backward_weights), _backward_weights_bwd)
+  return _backward_weights_p.bind(x, dy, geom=g)

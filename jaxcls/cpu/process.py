@@ -14,7 +14,8 @@ def configure_process(*, tune_allocator: bool = False) -> None:
 
   Adds jaxcls's XLA:CPU option to XLA_FLAGS; with `tune_allocator` (training and
   benchmarks), re-executes the command with huge-page allocation where that helps (it
-  does not return then).
+  does not return then). Both only when JAX will run on the CPU
+  (`jaxcls.cpu.backend.will_be_cpu`): on a GPU or TPU host it does nothing.
   """
   xla_flags.apply()
   if tune_allocator:

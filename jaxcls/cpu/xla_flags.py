@@ -11,9 +11,9 @@ One option, measured on jaxlib 0.10.2 (ResNet-18, 128 px, batch 32, 2-core CPU):
 `jaxcls.cpu.process.configure_process()`, which every jaxcls command-line program calls
 first, adds it to `XLA_FLAGS`; importing jaxcls as a library sets nothing. It does so
 only when all hold: `JAXCLS_XLA_DEFAULTS` is not `0`, the user's `XLA_FLAGS` does not set
-the same option, the installed jaxlib is one it was measured on (0.10.x), and JAX has
-not started a backend yet (flags are read once).
-It touches CPU compilation only; GPU and TPU programs are unaffected.
+the same option, the installed jaxlib is one it was measured on (0.10.x), JAX has not
+started a backend yet (flags are read once), and JAX will run on the CPU
+(`jaxcls.cpu.backend.will_be_cpu`): on a GPU or TPU host `XLA_FLAGS` is left as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import sys
+
+from jaxcls.cpu import backend
 
 OPTION = "--xla_cpu_experimental_ynn_fusion_type"
 VALUE = "individual_dot"
@@ -47,6 +49,8 @@ def apply(environ=os.environ) -> bool:
     return False
   flags = environ.get("XLA_FLAGS", "")
   if OPTION in flags or _jaxlib_release() not in MEASURED_JAXLIB or _backend_started():
+    return False
+  if not backend.will_be_cpu(environ):
     return False
   environ["XLA_FLAGS"] = f"{flags} {OPTION}={VALUE}".strip()
   return True

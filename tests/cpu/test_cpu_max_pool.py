@@ -57,3 +57,32 @@ def test_scatter_gradient_handles_other_ranks_and_one_unbatched_image():
     got = max_pool.scatter_gradient(dy, x, window, strides, padding)
     np.testing.assert_allclose(got, expected, rtol=0,
                                atol=24 * 2.0 ** -24 * float(jnp.abs(dy).max()))
+
+
+@pytest.mark.parametrize("window, stride, padding, size", [(2, 2, 0, 8), (3, 2, 1, 9),
+                                                           (3, 1, 1, 6)])
+def test_nan_and_infinities_route_the_gradient_as_xla_does(window, stride, padding, size):
+  assert max_pool.install()
+  rng = np.random.default_rng(5)
+  values = np.array([np.nan, -np.inf, np.inf, 0.0, 1.0, -1.0], np.float32)
+  x = rng.choice(values, size=(2, size, size, 3))  # Most windows hold a NaN or a tie.
+  out = (size + 2 * padding - window) // stride + 1
+  dy = rng.normal(size=(2, out, out, 3)).astype(np.float32)
+  ours = jax.jit(_pool_gradient(window, stride, padding))(x, dy)
+  with cpu.disabled():
+    theirs = jax.jit(_pool_gradient(window, stride, padding))(x, dy)
+  # As in the test above: up to 4 contributions per element, added in another order.
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=24 * 2.0 ** -24 * np.abs(dy).max())
+
+
+def test_a_window_with_a_nan_passes_its_gradient_where_xla_s_scan_ends():
+  # XLA's select_and_scatter keeps its pick while `pick >= next` holds: a NaN is picked
+  # and then given up to the element after it, so in [1, NaN, 2, 0] the 2 gets it.
+  assert max_pool.install()
+  for row, expected in [([1.0, np.nan, 2.0, 0.0], [0, 0, 5, 0]),
+                        ([1.0, 2.0, 0.0, np.nan], [0, 0, 0, 5]),
+                        ([3.0, 1.0, 3.0, 2.0], [5, 0, 0, 0])]:  # No NaN: the first max.
+    x = jnp.asarray(row, jnp.float32)[None, :, None]
+    pool = lambda x: nn.max_pool(x, (4,), strides=(4,))
+    gradient = jax.jit(lambda x: jax.vjp(pool, x)[1](jnp.full((1, 1, 1), 5.0))[0])
+    np.testing.assert_array_equal(gradient(x).ravel(), expected)
