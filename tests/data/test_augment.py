@@ -88,6 +88,7 @@ def _one_op(name, image, magnitude, sign=1.0):
     ("brightness", lambda img, f: ImageEnhance.Brightness(img).enhance(f)),
     ("colour", lambda img, f: ImageEnhance.Color(img).enhance(f)),
     ("contrast", lambda img, f: ImageEnhance.Contrast(img).enhance(f)),
+    ("sharpness", lambda img, f: ImageEnhance.Sharpness(img).enhance(f)),
 ])
 def test_colour_operations_follow_pil(name, pil):
   """The factor 1 + 0.9·m of torchvision's RandAugment; PIL rounds to uint8 and takes
