@@ -83,10 +83,11 @@ def _check_not_overridden(space, overrides) -> None:
 
 def _import_sweep():
   try:
-    import optuna  # noqa: F401  (only jaxcls.sweep needs it)
+    import optuna
   except ImportError as e:
     raise common.UsageError(f"jaxcls-sweep needs Optuna, which cannot be imported ({e}): "
                             "pip install 'jaxcls[sweep]'.") from None
+  optuna.logging.set_verbosity(optuna.logging.ERROR)  # jaxcls logs each trial itself.
   from jaxcls import sweep
   return sweep
 
@@ -101,8 +102,6 @@ def _sweep(argv, trial_callbacks=None) -> int:
   _check_not_overridden(space, overrides)
   common.setup_logging()
   common.enable_compilation_cache(args.compilation_cache, args.no_compilation_cache)
-  import optuna
-  optuna.logging.set_verbosity(optuna.logging.ERROR)  # jaxcls logs each trial itself.
   try:
     result = sweep.run_sweep(
         config, args.workdir, args.trials, space, recipe=args.config, overrides=overrides,
