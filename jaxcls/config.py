@@ -53,7 +53,7 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.train_split = "train"  # tfds: only, TFDS split syntax, e.g. "train[:80%]".
   s.val_split = "validation"  # tfds: only, e.g. "train[80%:]".
   s.tfds_data_dir = ""  # tfds: only; "" = TFDS's default (~/tensorflow_datasets).
-  s.workers = 0  # Decode threads; 0 = one per CPU this process may use.
+  s.workers = 0  # Decode threads; 0 = one per CPU core.
   # Decoded, resized uint8 images kept after their first decode: "none", "memory" or
   # "disk" (WORKDIR/cache/, reused by later runs), so later epochs decode no JPEG.
   s.cache = "none"
@@ -92,7 +92,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.widths = (32, 64, 128)  # Channels of each conv block (cnn).
   s.dropout = 0.3
   s.head_hidden = ()  # Widths of hidden ReLU layers between backbone and output.
-  s.dtype = "float32"
+  # What the layers compute in: "auto" (bfloat16 on GPUs and TPUs, float32 on CPUs,
+  # decided on the machine that builds the model), "float32" or "bfloat16".
+  # Parameters, batch-norm statistics, logits, loss and optimizer state stay float32.
+  s.dtype = "auto"
   # Input normalization travels with the checkpoint: predict uses the same.
   s.input_mean = (127.5, 127.5, 127.5)
   s.input_std = (127.5, 127.5, 127.5)
@@ -267,8 +270,11 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
   need(0.0 <= c.augment.rotation <= 180.0, "augment.rotation", "use 0 to 180 degrees")
   _check_recipe_values(c, need)
   need(0.0 <= c.model.dropout < 1.0, "model.dropout", "use a rate in [0, 1)")
-  need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-       "use float32, bfloat16 or float16")
+  need(c.model.dtype != "float16", "model.dtype",
+       "float16 needs loss scaling, which jaxcls does not do (small gradients would "
+       "underflow to zero); use 'bfloat16' (float32's range, the same speed) or 'auto'")
+  need(c.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
+       "use 'auto' (bfloat16 on GPUs and TPUs, float32 on CPUs), 'float32' or 'bfloat16'")
   need(len(c.model.input_mean) == 3 and len(c.model.input_std) == 3
        and all(s > 0 for s in c.model.input_std), "model.input_std",
        "give three positive numbers (and three means)")

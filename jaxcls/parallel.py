@@ -49,10 +49,16 @@ def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
   """One copy of every array per device, stacked on a leading axis, as pmap takes it.
 
   Stacked on the host: stacking with jnp would compile one small program per shape.
+  Typed random keys (`jax.random.key`) are replicated as keys of the same kind.
   """
   sharding = device_sharding(devices)
-  return jax.tree.map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+  def stacked(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = stacked(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding)
+  return jax.tree.map(stacked, tree)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 
 from jaxcls import config as config_lib
-from jaxcls import optim
+from jaxcls import models, optim
 from jaxcls.guards import WorkdirError
 
 MODES = ("auto", "never", "require")
@@ -72,6 +72,10 @@ def check_compatible(saved, config, saved_classes, classes) -> list[str]:
         "structure. Set the key back to resume, or use a new --workdir "
         "(with --config.init_from=OLD_WORKDIR to start from its weights).")
   old, new = config_lib.flatten(saved), config_lib.flatten(config)
+  # "auto" is the dtype it resolves to here: float32 → auto on a CPU changes nothing.
+  for values in (old, new):
+    if "model.dtype" in values:
+      values["model.dtype"] = models.resolve_dtype(values["model.dtype"]).name
   changed = [k for k in sorted(new) if k not in QUIET_KEYS and old.get(k) != new[k]]
   for key in changed:
     log.warning("Resuming with %s=%r; the checkpoint was trained with %r. Continuing "

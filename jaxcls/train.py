@@ -24,7 +24,7 @@ from jaxcls import checkpoint, distributed, guards, optim, parallel, resume, ste
 from jaxcls import config as config_lib
 from jaxcls import metric_writers, tracking, transfer
 from jaxcls import workdir as workdir_lib
-from jaxcls.data import augment, loader, sources
+from jaxcls.data import augment, cache, loader, sources
 from jaxcls.models import create_model
 from jaxcls.workdir import Best, EpochMetrics, EpochSums, Progress, RunMeta
 
@@ -172,6 +172,9 @@ def _load_data(config, workdir: str) -> sources.Dataset:
       lambda: dataset.fingerprint(), "The processes see different data sets (their "
       "file lists differ). Give every host the same data.source, e.g. on a shared "
       "file system.")
+  if config.data.cache == "none":  # Validation reads every image every epoch: keep them.
+    dataset = dataclasses.replace(dataset, val=cache.kept_in_memory_if_fits(
+        dataset.val, config.data.image_size))
   log.info("Classes %s; %d training and %d validation images; %d skipped.",
            list(dataset.class_names), len(dataset.train), len(dataset.val),
            len(dataset.skipped))
@@ -271,6 +274,7 @@ class _Steps:
   evaluate: Any
   frozen_for: int  # Steps the backbone stays frozen.
   schedule: Any
+  finite: Any  # 1 when the parameters and batch statistics are finite on every device.
 
   def for_step(self, step: int):
     return self.frozen if step < self.frozen_for else self.train
@@ -278,11 +282,21 @@ class _Steps:
 
 def pmapped_train_step(config, devices, *, freeze_backbone: bool = False,
                        class_weights: tuple[float, ...] = ()):
-  """The train step as training runs it: pmapped over `devices`, the state donated."""
+  """The train step as training runs it: pmapped over `devices`, the state donated.
+
+  Call it with the state, the batch and the run's key replicated (`parallel.replicate`):
+  a key placed on the devices once, not sent to each of them at every step.
+  """
   options = dataclasses.replace(steps.step_options(config, class_weights),
                                 freeze_backbone=freeze_backbone)
   return parallel.pmap(functools.partial(steps.train_step, options=options), devices,
-                       in_axes=(0, 0, None), donate_argnums=(0,))
+                       donate_argnums=(0,))
+
+
+def _finite_everywhere(params, batch_stats) -> jax.Array:
+  """1 when every device's parameters and batch statistics are finite (under pmap)."""
+  finite = guards.all_finite((params, batch_stats)).astype(jnp.int32)
+  return jax.lax.pmin(finite, parallel.AXIS)
 
 
 def _compile(run: _Run) -> _Steps:
@@ -293,7 +307,8 @@ def _compile(run: _Run) -> _Steps:
                 parallel.pmap(steps.eval_step, run.devices),
                 optim.frozen_steps(config, run.steps_per_epoch),
                 optim.learning_rate_schedule(config.optim, run.steps_per_epoch,
-                                             config.num_epochs))
+                                             config.num_epochs),
+                parallel.pmap(_finite_everywhere, run.devices))
 
 
 def _train_batches(run: _Run):
@@ -332,6 +347,7 @@ def _train(run: _Run) -> tuple[steps.TrainState, RunSummary]:
   if run.is_main and run.start_step == 0 and config.train.log_images:
     _log_augmented_images(writer, run)
   replicated = parallel.replicate(run.state, run.devices)
+  rng = parallel.replicate(run.train_rng, run.devices)
   bar = tqdm(total=run.num_steps, initial=run.start_step, unit="step", dynamic_ncols=True,
              disable=not (config.train.progress_bar and run.is_main))
   clock = _Clock(run.start_step, config.batch_size)
@@ -342,8 +358,7 @@ def _train(run: _Run) -> tuple[steps.TrainState, RunSummary]:
         if step == programs.frozen_for and step > 0:
           log.info("Step %d: unfreezing the backbone (learning rate x %g).", step,
                    config.optim.backbone_lr_mult)
-        replicated, metrics = programs.for_step(step)(replicated, next(batches),
-                                                      run.train_rng)
+        replicated, metrics = programs.for_step(step)(replicated, next(batches), rng)
         pending.append(metrics)
         bar.update(1)
         done = step + 1
@@ -360,7 +375,7 @@ def _train(run: _Run) -> tuple[steps.TrainState, RunSummary]:
         val = _end_epoch(run, writer, bar, programs, replicated, done, clock) \
             if end_of_epoch else None
         if end_of_epoch or periodic or received:
-          _save(run, replicated, done, val)
+          _save(run, programs, replicated, done, val)
         if received or (end_of_epoch and _early_stop(run, done)):
           stop_reason = received or "early_stopping"
           break
@@ -468,12 +483,16 @@ def _end_epoch(run: _Run, writer, bar, programs: _Steps, replicated, done: int,
   return val
 
 
-def _save(run: _Run, replicated, done: int, val: dict | None) -> None:
-  """A checkpoint of step `done`, after checking that nothing in it is NaN or infinite."""
-  state = parallel.unreplicate(replicated)
-  if not bool(guards.all_finite((state.params, state.batch_stats))):
+def _save(run: _Run, programs: _Steps, replicated, done: int, val: dict | None) -> None:
+  """A checkpoint of step `done`, after checking that nothing in it is NaN or infinite.
+
+  The check runs on the devices (one integer comes back); only a finite state is copied
+  to the host for the checkpoint.
+  """
+  if not parallel.unreplicate(programs.finite(replicated.params, replicated.batch_stats)):
     raise guards.diverged("the parameters became NaN or infinite", done, run.workdir,
                           run.config.optim.learning_rate)
+  state = parallel.unreplicate(replicated)
   run.progress.elapsed_seconds = run.elapsed()
   meta = RunMeta(config=run.config.to_dict(), class_names=run.dataset.class_names,
                  step=done, epoch=done // run.steps_per_epoch, progress=run.progress)

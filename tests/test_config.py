@@ -87,3 +87,15 @@ def test_saved_configs_of_version_1_still_load():
   saved["optim"]["lr"] = 0.1
   with pytest.raises(config_lib.ConfigError, match="optim.lr"):
     config_lib.from_dict(saved)
+
+
+def test_float16_is_refused_with_the_reason_and_the_way_out():
+  config = parse("--config.model.dtype=float16")
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value) == (
+      "Config key 'model.dtype' is 'float16'; float16 needs loss scaling, which jaxcls "
+      "does not do (small gradients would underflow to zero); use 'bfloat16' (float32's "
+      "range, the same speed) or 'auto'.")
+  config.model.dtype = "auto"
+  config_lib.validate(config)

@@ -106,7 +106,8 @@ class Bench:
     state = steps.create_train_state(c, model, init_rng,
                                      max(1, len(self.dataset.train) // c.batch_size))
     return (train.pmapped_train_step(c, self.devices),
-            parallel.replicate(state, self.devices), step_rng)
+            parallel.replicate(state, self.devices),
+            parallel.replicate(step_rng, self.devices))
 
   def host_batches(self, num_steps: int, start_step: int = 0):
     from jaxcls.data import loader, sources  # pylint: disable=import-outside-toplevel

@@ -42,7 +42,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def configure_process(*, tune_allocator: bool = False) -> None:
-  """Process options before JAX starts (jaxcls.cpu.process); may re-execute."""
+  """Process options before JAX starts: XLA:GPU options on a GPU host (jaxcls.gpu), the
+  CPU's otherwise (jaxcls.cpu.process, which may re-execute)."""
+  from jaxcls import gpu
+  gpu.apply()
   from jaxcls.cpu.process import configure_process as configure
   configure(tune_allocator=tune_allocator)
 

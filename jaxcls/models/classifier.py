@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 
 class Head(nn.Module):
-  """Optional hidden ReLU layers (`hidden_0`, ...), then the output layer.
+  """Optional hidden ReLU layers (`hidden_0`, ...) computing in `dtype`, then the
+  output layer, in float32.
 
   The output layer's `kernel` and `bias` sit directly in the head's parameters, so a
   head without hidden layers has exactly the parameters of a plain Dense layer: a
@@ -30,7 +31,9 @@ class Head(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (x.shape[-1], self.num_classes))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.num_classes,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # The output layer computes in float32 whatever `dtype` is: bfloat16 logits would
+    # carry 8 bits into the softmax and the loss, and this matmul is tiny.
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.float32)
     return x @ kernel + bias
 
 

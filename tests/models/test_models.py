@@ -1,14 +1,16 @@
 """Models: torchvision-sized ResNets, a synchronised training step on 8 devices, the
-configurable head, bfloat16 training, label smoothing and the FLOPs estimate."""
+configurable head, bfloat16 training, dtype "auto", label smoothing and the FLOPs
+estimate."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcls.models import create_model
+from jaxcls.models import create_model, resolve_dtype
 from jaxcls.steps import forward_flops_per_image as flops_per_image
 from jaxcls.steps import loss_fn as _loss
+from jaxcls.workdir import load_run
 from model_utils import check_synchronised_step, make_batch, make_state, model_config, one_step
 
 
@@ -78,3 +80,49 @@ def test_flops_per_image_is_xla_count_of_multiply_adds():
   flops = flops_per_image(model, shapes, 16)
   # The rest is element-wise work: normalization, batch norm, ReLU, pooling.
   assert conv_and_dense <= flops <= 1.06 * conv_and_dense
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)])
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus(monkeypatch, backend,
+                                                                    expected):
+  config = model_config("cnn")
+  assert config.model.dtype == "auto"  # The default.
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  model = create_model(config.model, 3)
+  assert model.dtype == expected and model.backbone.dtype == expected
+  # A dtype named outright is what it says on any backend.
+  assert create_model(model_config("cnn", dtype="float32").model, 3).dtype == jnp.float32
+  assert resolve_dtype("auto", "cpu") == jnp.float32
+  assert resolve_dtype("auto", "cuda") == jnp.bfloat16
+
+
+def test_auto_is_resolved_where_a_saved_run_is_loaded(monkeypatch, predict_workdir):
+  """The workdir records "auto", so a run trained on a GPU computes in float32 when a
+  CPU loads it, and in bfloat16 on a GPU (its parameters are float32 either way)."""
+  on_cpu = load_run(predict_workdir)
+  assert on_cpu.meta.config["model"]["dtype"] == "auto"  # As the checkpoint records it.
+  assert on_cpu.model.dtype == jnp.float32
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  run = load_run(predict_workdir)
+  assert run.model.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(run.variables)} == {jnp.dtype(jnp.float32)}
+
+
+def test_a_bfloat16_model_has_float32_parameters_and_computes_its_logits_in_float32():
+  model = create_model(model_config("cnn", dtype="bfloat16").model, 3)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)), jnp.uint8)
+  variables = model.init(jax.random.key(0), images)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  logits, seen = model.apply(variables, images, capture_intermediates=True)
+  features = seen["intermediates"]["backbone"]["__call__"][0]
+  assert features.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  head = jax.device_get(variables["params"]["head"])
+  expected = np.asarray(features, np.float32) @ head["kernel"] + head["bias"]
+  # The output layer in float32: a sum of 16 float32 products, off by a few float32
+  # roundings (u = 2^-24) of the largest term. In bfloat16 (8 bits) the logits would
+  # be off by about 2^-9 of their size.
+  bound = 16 * 2.0 ** -24 * np.max(np.abs(np.asarray(features, np.float32)) @
+                                    np.abs(head["kernel"]) + np.abs(head["bias"]))
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=bound)
+  assert np.max(np.abs(expected)) > 2.0 ** 9 * bound  # bfloat16 rounding would show.
