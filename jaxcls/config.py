@@ -53,7 +53,7 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.train_split = "train"  # tfds: only, TFDS split syntax, e.g. "train[:80%]".
   s.val_split = "validation"  # tfds: only, e.g. "train[80%:]".
   s.tfds_data_dir = ""  # tfds: only; "" = TFDS's default (~/tensorflow_datasets).
-  s.workers = 0  # Decode threads; 0 = one per CPU core.
+  s.workers = 0  # Decode threads; 0 = one per CPU this process may use.
   # Decoded, resized uint8 images kept after their first decode: "none", "memory" or
   # "disk" (WORKDIR/cache/, reused by later runs), so later epochs decode no JPEG.
   s.cache = "none"

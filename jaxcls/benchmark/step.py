@@ -16,11 +16,12 @@ the compiled program, so it holds for any model, a user's own included.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import statistics
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +67,14 @@ def _no_augmentation(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 
 def _synthetic_batch(config, devices, num_classes: int) -> dict:
+  """A batch shaped as the loader makes them (mask included, so that the step compiled
+  for it also takes the loader's batches), already on the devices."""
   from jaxcls import parallel
   size, batch_size = config.data.image_size, config.batch_size
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-           "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
+           "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+           "mask": np.ones((batch_size,), bool)}
   return jax.device_put(parallel.shard(batch, len(devices)),
                         parallel.device_sharding(devices))
 
@@ -86,17 +90,28 @@ def _initial_state(config, num_classes: int, devices):
   return parallel.replicate(state, devices), parallel.replicate(step_rng, devices)
 
 
-def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
-                       warmup: int = 2, augment: bool = True, num_classes: int = 2,
-                       devices=None) -> dict:
-  """Compile time, FLOPs per image and images/sec of the training step for `config`.
+@dataclasses.dataclass
+class CompiledStep:
+  """The train step compiled once, with the live state it updates (donated each call)."""
+  config: ml_collections.ConfigDict
+  devices: list
+  compiled: Any
+  state: Any
+  rng: jax.Array
+  batch: dict  # The synthetic batch, on the devices.
+  init_s: float
+  compile_s: float
+  flops: float | None  # Per device and step.
+  fast_convolutions: bool
 
-  Returns a dict with, among others: `compile_s` (lowering + XLA compilation of the
-  first step; small when the persistent compilation cache already holds it), `init_s`,
-  `step_flops_per_image`, `step_images_per_sec` (median over `steps` timed steps after
-  `warmup`), `step_ms_median`/`step_ms_min`, `step_cpu_s_median`, `achieved_gflops`,
-  `loss_finite` and `cpu_fast_convolutions` (whether oneDNN's convolutions ran).
-  """
+  def __call__(self, batch) -> dict:
+    self.state, metrics = self.compiled(self.state, batch, self.rng)
+    return metrics
+
+
+def compile_train_step(config: ml_collections.ConfigDict, *, augment: bool = True,
+                       num_classes: int = 2, devices=None) -> CompiledStep:
+  """The training step for `config` (`jaxcls.train.pmapped_train_step`), compiled once."""
   from jaxcls import train
   from jaxcls.steps import compiled_flops
   if not augment:
@@ -119,67 +134,101 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
     with cpu.disabled():
       flops = compiled_flops(
           train.pmapped_train_step(config, devices).lower(state, batch, step_rng).compile())
+  return CompiledStep(config, devices, compiled, state, step_rng, batch, init_s, compile_s,
+                      flops, fast_convolutions)
+
+
+def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
+                       warmup: int = 2, augment: bool = True, num_classes: int = 2,
+                       devices=None) -> dict:
+  """Compile time, FLOPs per image and images/sec of the training step for `config`.
+
+  Returns a dict with, among others: `compile_s` (lowering + XLA compilation of the
+  first step; small when the persistent compilation cache already holds it), `init_s`,
+  `step_flops_per_image`, `step_images_per_sec` (median over `steps` timed steps after
+  `warmup`), `step_ms_median`/`step_ms_min`, `step_cpu_s_median`, `achieved_gflops`,
+  `loss_finite` and `cpu_fast_convolutions` (whether oneDNN's convolutions ran).
+  """
+  step = compile_train_step(config, augment=augment, num_classes=num_classes,
+                            devices=devices)
+  return time_train_step(step, steps=steps, warmup=warmup, augment=augment)
+
+
+def time_train_step(step: CompiledStep, *, steps: int = 10, warmup: int = 2,
+                    augment: bool = True) -> dict:
+  """`measure_train_step`'s figures for a step already compiled (its synthetic batch)."""
+  config, devices = step.config, step.devices
   per_device = config.batch_size // len(devices)
   times, cpu_times = [], []
   for i in range(warmup + steps):
     start, cpu_start = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, batch, step_rng)
-    jax.block_until_ready((state, metrics))
+    metrics = step(step.batch)
+    jax.block_until_ready((step.state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu_start)
   step_s = statistics.median(times)
-  images_per_sec = config.batch_size / step_s
   result = {
       "model": config.model.name, "image_size": config.data.image_size,
       "batch_size": config.batch_size, "dtype": config.model.dtype,
       "devices": len(devices), "platform": devices[0].platform, "augment": augment,
-      "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
+      "init_s": round(step.init_s, 3), "compile_s": round(step.compile_s, 3),
       "steps_timed": steps, "step_ms_median": round(step_s * 1e3, 2),
       "step_ms_min": round(min(times) * 1e3, 2),
       # CPU seconds of this process per step (all threads): on a machine shared with
       # other jobs, less sensitive to their load than the wall-clock figures.
       "step_cpu_s_median": round(statistics.median(cpu_times), 3),
-      "step_images_per_sec": round(images_per_sec, 2),
-      "step_flops_per_image": None if flops is None else flops / per_device,
+      "step_images_per_sec": round(config.batch_size / step_s, 2),
+      "step_flops_per_image": None if step.flops is None else step.flops / per_device,
       "achieved_gflops": None,
       "loss_finite": bool(np.isfinite(np.asarray(metrics["loss"])).all()),
-      "cpu_fast_convolutions": fast_convolutions,
+      "cpu_fast_convolutions": step.fast_convolutions,
   }
-  if flops is not None:
+  if step.flops is not None:
     # Every device runs the per-device program at the same time.
-    result["achieved_gflops"] = round(flops * len(devices) / step_s / 1e9, 2)
+    result["achieved_gflops"] = round(step.flops * len(devices) / step_s / 1e9, 2)
   return result
 
 
-def measure_loader_steps(config: ml_collections.ConfigDict, *, steps: int = 20,
-                         warmup: int = 3, workdir: str | None = None,
-                         devices=None) -> dict:
-  """Images/sec of training steps fed by the real loader (decode, resize, prefetch).
+def measure_loader_steps(step: CompiledStep, source: str, *, steps: int = 20,
+                         workdir: str | None = None) -> dict:
+  """Images/sec of the compiled step fed by the real loader (decode, resize, prefetch)
+  from `source` (e.g. "folder:PATH" of photo-sized JPEGs).
 
-  `config.data.source` names the images (e.g. a folder of JPEGs). The figure to compare
-  with `measure_train_step`'s: equal when decoding keeps up with the devices.
+  The pipeline starts after the step is compiled and the clock starts with it: every
+  timed batch is decoded inside the timed window, none while compiling. Also the
+  pipeline alone (`host_images_per_sec`: as fast as the host can decode on its usable
+  CPUs) and the time to its first batch. To compare with `time_train_step`'s figure:
+  equal when decoding keeps up with the devices.
   """
-  from jaxcls import parallel, train
+  from jaxcls import parallel
   from jaxcls.data import loader, sources
-  devices = list(devices or jax.local_devices())
+  config = copy.deepcopy(step.config)
+  config.data.source = source
   workers = sources.worker_count(config.data.workers)
   dataset = sources.build_dataset(config.data, config.seed, workdir, workers)
-  state, step_rng = _initial_state(config, len(dataset.class_names), devices)
-  p_step = train.pmapped_train_step(config, devices)
-  batches = parallel.prefetch_to_devices(loader.train_batches(
-      dataset.train, batch_size=config.batch_size, image_size=config.data.image_size,
-      seed=config.seed, num_steps=warmup + steps, workers=workers), devices)
-  for _ in range(warmup):
-    state, metrics = p_step(state, next(batches), step_rng)
-  jax.block_until_ready((state, metrics))
+
+  def host_batches(seed: int):
+    return loader.train_batches(
+        dataset.train, batch_size=config.batch_size, image_size=config.data.image_size,
+        seed=seed, num_steps=steps, workers=workers)
+
   start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = p_step(state, next(batches), step_rng)
-  jax.block_until_ready((state, metrics))
+  for _ in host_batches(seed=1):  # Another order than the timed run's: nothing cached.
+    pass
+  host_s = time.perf_counter() - start
+  start = time.perf_counter()
+  batches = parallel.prefetch_to_devices(host_batches(seed=config.seed), step.devices)
+  metrics = step(next(batches))
+  first_batch_s = time.perf_counter() - start
+  for batch in batches:
+    metrics = step(batch)
+  jax.block_until_ready((step.state, metrics))
   elapsed = time.perf_counter() - start
   return {"loader_steps_timed": steps, "loader_workers": workers,
           "loader_images_per_sec": round(steps * config.batch_size / elapsed, 2),
+          "loader_first_step_s": round(first_batch_s, 3),
+          "host_images_per_sec": round(steps * config.batch_size / host_s, 2),
           "loader_train_images": len(dataset.train)}
 
 
