@@ -14,7 +14,7 @@
 | `conv-kernels` | conv_kernels.py | ResNet-18's convolutions alone: XLA, oneDNN, PyTorch |
 | `checkpoint` | checkpoint_overhead.py | step time with checkpoints off, async, sync |
 | `report-speed` | report_speed.py | how long the report takes |
-| `gpu` | gpu.py | ResNet-50, 224 px, bfloat16 on one accelerator |
+| `gpu` | gpu.py | the first accelerator run: ResNet-50 step, loader, flagship time to accuracy |
 
 Each module has a `main(argv)`; the figures and when they were measured are in
 `benchmarks/README.md`. Two scripts stay in `benchmarks/`: `gpu.sh` (the GPU session's
