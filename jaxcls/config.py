@@ -92,6 +92,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.widths = (32, 64, 128)  # Channels of each conv block (cnn).
   s.dropout = 0.3
   s.head_hidden = ()  # Widths of hidden ReLU layers between backbone and output.
+  # Validation and prediction average the logits of each image and its mirror (twice
+  # the inference cost; training is unchanged).
+  s.flip_test = False
   # What the layers compute in: "auto" (bfloat16 on GPUs and TPUs, float32 on CPUs,
   # decided on the machine that builds the model), "float32" or "bfloat16".
   # Parameters, batch-norm statistics, logits, loss and optimizer state stay float32.
@@ -145,6 +148,11 @@ def _train_defaults() -> ml_collections.ConfigDict:
   s.log_images = 16  # Augmented training images shown in TensorBoard at step 0.
   # Stop after this many epochs without a better validation accuracy; 0 = never.
   s.early_stopping_patience = 0
+  # Progressive resizing: training images are resized on the device to these sizes in
+  # turn, each for an equal share of the epochs, e.g. (64, 96, 128): small images early
+  # cost a fraction of a large one. Validation and predict always see data.image_size.
+  # () trains at data.image_size throughout.
+  s.progressive_sizes = ()
   # Gradient accumulation: each batch runs as this many micro-batches, one update. Batch
   # norm normalizes each micro-batch by its own statistics; the running statistics are
   # updated once per step with the mean of the micro-batches' statistics.
@@ -337,6 +345,11 @@ def _check_recipe_values(c: ml_collections.ConfigDict, need) -> None:
   need(c.optim.eps > 0, "optim.eps", "it must be positive")
   need(0 <= c.optim.ema_decay < 1, "optim.ema_decay", "use 0 (off) or a decay in (0, 1)")
   need(c.train.accumulate_steps >= 1, "train.accumulate_steps", "use 1 or more")
+  need(not c.model.name.startswith("resnet9") or len(c.model.widths) == 4, "model.widths",
+       f"{c.model.name} takes 4 widths (stem, stage 1, 2, 3), e.g. (32, 64, 128, 256)")
+  need(all(isinstance(s, int) and 8 <= s <= c.data.image_size
+           for s in c.train.progressive_sizes), "train.progressive_sizes",
+       "give whole pixel sizes from 8 to data.image_size, e.g. (64, 96, 128)")
   need(all(w > 0 for w in c.train.class_weights), "train.class_weights",
        "give one positive weight per class, or () for none")
   need(not (c.train.balance_classes and c.train.class_weights), "train.balance_classes",

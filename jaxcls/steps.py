@@ -109,6 +109,7 @@ class StepOptions:
   accumulate: int = 1  # Micro-batches per update (gradient accumulation).
   ema_decay: float = 0.0
   freeze_backbone: bool = False
+  image_size: int = 0  # Resize the batch's images to this on the device; 0 = as given.
 
 
 def step_options(config: ml_collections.ConfigDict,
@@ -179,7 +180,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array,
   rng = jax.random.fold_in(rng, state.step)
   rng = jax.random.fold_in(rng, lax.axis_index(AXIS))
   augment_rng, mix_rng, dropout_rng = jax.random.split(rng, 3)
-  images = augmentation.augment(augment_rng, batch["image"], options.augment)
+  images = batch["image"]
+  if options.image_size and options.image_size != images.shape[1]:
+    images = augmentation.resize(images, options.image_size)  # Progressive resizing.
+  images = augmentation.augment(augment_rng, images, options.augment)
   labels = batch["label"]
   targets = labels
   if options.mix.active:

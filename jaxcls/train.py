@@ -269,26 +269,34 @@ def _already_done(run: _Run) -> RunSummary | None:
 @dataclasses.dataclass
 class _Steps:
   """The compiled programs of one run."""
-  train: Any
+  train: dict  # Training image size → its program (several with progressive resizing).
   frozen: Any  # Backpropagates through the head only; only runs while freezing.
   evaluate: Any
   frozen_for: int  # Steps the backbone stays frozen.
   schedule: Any
   finite: Any  # 1 when the parameters and batch statistics are finite on every device.
+  size_at: Any  # Step → the training image size.
 
   def for_step(self, step: int):
-    return self.frozen if step < self.frozen_for else self.train
+    return self.frozen if step < self.frozen_for else self.train[self.size_at(step)]
+
+
+def training_size(config, epoch: int) -> int:
+  """The image size of training in `epoch` (from 0): train.progressive_sizes in equal
+  shares of the epochs, or data.image_size."""
+  sizes = tuple(config.train.progressive_sizes) or (config.data.image_size,)
+  return sizes[min(epoch * len(sizes) // config.num_epochs, len(sizes) - 1)]
 
 
 def pmapped_train_step(config, devices, *, freeze_backbone: bool = False,
-                       class_weights: tuple[float, ...] = ()):
+                       class_weights: tuple[float, ...] = (), image_size: int = 0):
   """The train step as training runs it: pmapped over `devices`, the state donated.
 
   Call it with the state, the batch and the run's key replicated (`parallel.replicate`):
   a key placed on the devices once, not sent to each of them at every step.
   """
   options = dataclasses.replace(steps.step_options(config, class_weights),
-                                freeze_backbone=freeze_backbone)
+                                freeze_backbone=freeze_backbone, image_size=image_size)
   return parallel.pmap(functools.partial(steps.train_step, options=options), devices,
                        donate_argnums=(0,))
 
@@ -301,14 +309,17 @@ def _finite_everywhere(params, batch_stats) -> jax.Array:
 
 def _compile(run: _Run) -> _Steps:
   config, weights = run.config, run.class_weights
-  return _Steps(pmapped_train_step(config, run.devices, class_weights=weights),
+  size_at = lambda step: training_size(config, step // run.steps_per_epoch)
+  sizes = {training_size(config, epoch) for epoch in range(config.num_epochs)}
+  return _Steps({size: pmapped_train_step(config, run.devices, class_weights=weights,
+                                          image_size=size) for size in sizes},
                 pmapped_train_step(config, run.devices, freeze_backbone=True,
-                                   class_weights=weights),
+                                   class_weights=weights, image_size=size_at(0)),
                 parallel.pmap(steps.eval_step, run.devices),
                 optim.frozen_steps(config, run.steps_per_epoch),
                 optim.learning_rate_schedule(config.optim, run.steps_per_epoch,
                                              config.num_epochs),
-                parallel.pmap(_finite_everywhere, run.devices))
+                parallel.pmap(_finite_everywhere, run.devices), size_at)
 
 
 def _train_batches(run: _Run):

@@ -240,6 +240,14 @@ def _draw_policy(rng, batch: int, options: Options):
   return ops, magnitudes, signs
 
 
+def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
+  """[B, H, W, C] → float32 [B, size, size, C]: bilinear, antialiased when shrinking
+  (as Pillow resizes a photo), in the input's value range."""
+  batch, _, _, channels = images.shape
+  return jax.image.resize(images.astype(jnp.float32), (batch, size, size, channels),
+                          "linear", antialias=True)
+
+
 def augment(rng: jax.Array, images: jnp.ndarray, options: Options) -> jnp.ndarray:
   """Augments each image of [B, H, W, C] (uint8 or float) with its own random draws.
 

@@ -29,6 +29,7 @@ from jaxcls.models.convnext import ARCHS as CONVNEXT_ARCHS
 from jaxcls.models.convnext import convnext
 from jaxcls.models.resnet import ARCHS as RESNET_ARCHS
 from jaxcls.models.resnet import resnet
+from jaxcls.models.resnet9 import ResNet9
 
 # name → function(model_config, dtype, axis_name) → backbone module.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -45,6 +46,17 @@ def register(name: str):
 @register("cnn")
 def _cnn(model_config, dtype, axis_name):
   return CNN(widths=tuple(model_config.widths), dtype=dtype, axis_name=axis_name)
+
+
+@register("resnet9")
+def _resnet9(model_config, dtype, axis_name):
+  return ResNet9(widths=tuple(model_config.widths), dtype=dtype, axis_name=axis_name)
+
+
+@register("resnet9_s4")
+def _resnet9_s4(model_config, dtype, axis_name):
+  return ResNet9(widths=tuple(model_config.widths), stem_pool=True, dtype=dtype,
+                 axis_name=axis_name)
 
 
 def _register_resnet(arch: str):
@@ -114,4 +126,6 @@ def create_model(model_config, num_classes: int, axis_name: str | None = None, *
       std=tuple(model_config.input_std),
       dtype=dtype,
       head_hidden=tuple(model_config.head_hidden),
-      backbone_bn_train=backbone_bn_train)
+      backbone_bn_train=backbone_bn_train,
+      # Absent from the configs of runs saved before 0.3.
+      flip_test=bool(model_config.get("flip_test", False)))

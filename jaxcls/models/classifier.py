@@ -46,6 +46,10 @@ class Classifier(nn.Module):
   `backbone_bn_train=False` keeps the backbone's batch norm in inference mode (running
   statistics, never updated) even when training: the standard way to fine-tune a
   pretrained backbone that was first frozen, whose statistics came from far more data.
+
+  `flip_test`: outside training, the logits are the mean of the image's and its
+  mirror's (test-time augmentation, twice the inference cost), in every program that
+  runs the model: validation, evaluate, predict, export, serve.
   """
   backbone: nn.Module
   num_classes: int
@@ -55,11 +59,17 @@ class Classifier(nn.Module):
   dtype: Any = jnp.float32
   head_hidden: Sequence[int] = ()
   backbone_bn_train: bool = True
+  flip_test: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    mirrored = self.flip_test and not train
+    if mirrored:  # One pass over [images; mirrors]: the same weights, a double batch.
+      x = jnp.concatenate([x, x[:, :, ::-1, :]])
     features = self.backbone(x.astype(self.dtype), train=train and self.backbone_bn_train)
     logits = Head(self.num_classes, tuple(self.head_hidden), self.dropout, self.dtype,
-                  name="head")(features, train=train)
-    return logits.astype(jnp.float32)
+                  name="head")(features, train=train).astype(jnp.float32)
+    if mirrored:
+      logits = jnp.mean(logits.reshape((2, -1) + logits.shape[1:]), axis=0)
+    return logits
