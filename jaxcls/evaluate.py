@@ -102,4 +102,3 @@ def write_report(result: HeldOutResult, out_dir: str, *, top_k: int = 24,
            "split": result.split, "data_class_names": list(result.data_class_names),
            "skipped": [dict(row) for row in result.skipped]}
   return report.write_report(result.evaluation, out_dir, about, top_k=top_k, bins=bins)
-

@@ -612,4 +612,3 @@ def write_report(evaluation: Evaluation, out_dir: str, about: dict, *,
   with open(os.path.join(out_dir, files["html"]), "w", encoding="utf-8") as f:
     f.write(_html(summary, scores, top))
   return summary
-

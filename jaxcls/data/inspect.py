@@ -69,4 +69,3 @@ def write_grid(images, labels, class_names, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
-
