@@ -1,17 +1,24 @@
-"""Cats vs dogs from scratch with the small CNN.
+"""Cats vs dogs from scratch: ResNet-9 with a stride-4 stem, 128 px, mirror at test time.
 
     python run_train.py --config configs/catdog.py --workdir /tmp/catdog
 
-reads TFDS `cats_vs_dogs` (23,262 images; train[:80%] / train[80%:]), preparing it on
-first use (download 787 MB, needs `pip install 'jaxcls[tfds]'` for TensorFlow CPU). With
-a local copy of Microsoft's `kagglecatsanddogs_5340.zip` instead, no TensorFlow needed:
+reads TFDS `cats_vs_dogs` (train[:80%] / train[80%:]), preparing it on first use
+(download 787 MB, needs `pip install 'jaxcls[tfds]'`). With Microsoft's zip or its
+extracted folder instead, no TensorFlow needed (broken files are skipped and listed in
+WORKDIR/skipped_files.jsonl):
 
-    python run_train.py --config configs/catdog.py --workdir /tmp/catdog \
+    python run_train.py --config configs/catdog.py --workdir /tmp/catdog \\
         --config.data.source=zip:/path/to/kagglecatsanddogs_5340.zip
 
-(or folder:/path/to/PetImages once extracted; Cat/ and Dog/, 12,500 JPEGs each; the
-broken ones are skipped and listed in WORKDIR/skipped_files.jsonl). Accuracy on the real
-data has not been measured here yet: this machine cannot download the data set.
+Measured on 20,031 real PetImages photos (a 180 px copy of that zip, read in place;
+16,016 train / 4,015 validation by jaxcls's hash split), from scratch, on a 2-core AMD
+EPYC VM, CPU only, 2026-12-07: benchmarks/README.md#real-photos.
+
+Why each line: the stride-4 stem (a stride-2 convolution, then 2×2 pooling) makes a
+128 px photo cost 0.17 GFLOP, a ninth of the plain CNN at the same size, and the pilots
+learned about as much per epoch either way; crops because the 26-epoch run without them
+ended at 0.943 with train accuracy 0.979 (overfitting); label smoothing 0.1; the mirror
+at test time; the decoded cache, so only the first epoch decodes JPEGs (1 GB at 128 px).
 """
 
 from jaxcls.config import base_config
@@ -23,10 +30,12 @@ def get_config():
   config.data.train_split = "train[:80%]"  # cats_vs_dogs has only a train split.
   config.data.val_split = "train[80%:]"
   config.data.image_size = 128
-  config.augment.rotation = 15.0
-  config.augment.scale = (0.85, 1.15)
+  config.data.cache = "memory"  # The first epoch decodes; 20,000 photos: 1 GB.
+  config.model.name = "resnet9_s4"
   config.model.widths = (32, 64, 128, 256)
-  config.model.dropout = 0.4
+  config.model.flip_test = True
   config.num_epochs = 30
+  config.augment.crop_area = (0.5, 1.0)
+  config.train.label_smoothing = 0.1
   config.optim.warmup_epochs = 1.0
   return config
