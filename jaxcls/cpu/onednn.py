@@ -104,6 +104,7 @@ def _build(runtime: pathlib.Path, rebuild: bool = False) -> pathlib.Path:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
   global _reason
+  _reason = None  # A lookup after cache_clear() must not keep an earlier reason.
   if os.environ.get("JAXCLS_ONEDNN", "1") == "0":
     _reason = "turned off by JAXCLS_ONEDNN=0"
     return None

@@ -256,6 +256,11 @@ def _real_images(shapes_dir, tmp_path, size) -> np.ndarray:
 BUILT_IN = [
     pytest.param("cnn", 64, {"model.widths": (32, 64, 128, 256)}, 8 + 2, 3 * 3 * 256,
                  id="cnn-catdog", marks=pytest.mark.slow),
+    # 8 convolutions on the longest path; the mirror at test time (a reversal, a
+    # concatenation and a mean of two logits) is exported with the model.
+    pytest.param("resnet9_s4", 64, {"model.widths": (32, 64, 128, 256),
+                                    "model.flip_test": True}, 8 + 2 + 1, 3 * 3 * 256,
+                 id="resnet9_s4-catdog", marks=pytest.mark.slow),
     pytest.param("resnet18", 32, {}, 17 + 2, 3 * 3 * 512, id="resnet18",
                  marks=pytest.mark.slow),
     pytest.param("resnet34", 32, {}, 33 + 2, 3 * 3 * 512, id="resnet34",
@@ -268,7 +273,8 @@ BUILT_IN = [
                  marks=pytest.mark.slow),
 ]
 # The other ConvNeXt sizes are the tiny one's code with more blocks and channels.
-SAME_CODE = {"convnext_small", "convnext_base", "convnext_large"}
+SAME_CODE = {"convnext_small", "convnext_base", "convnext_large",
+             "resnet9"}  # resnet9 is resnet9_s4 without the stem's pooling.
 
 
 @pytest.mark.parametrize("name,size,overrides,depth,longest", BUILT_IN)
