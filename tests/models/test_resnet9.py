@@ -12,6 +12,7 @@ from jaxcls.data import augment
 from jaxcls.models import create_model
 from jaxcls.steps import root_key
 from model_utils import model_config
+from numerics import agreement, normwise_error
 
 
 def _variables(model, size=32):
@@ -76,9 +77,12 @@ def test_flip_test_averages_the_logits_of_each_image_and_its_mirror():
   one = plain.apply(variables, images)
   other = plain.apply(variables, images[:, :, ::-1, :])
   both = mirrored.apply(variables, images)
-  # One pass over a double batch against two passes: the same float32 operations per
-  # image, so only the final halving of the sum may round differently (1 ulp).
-  np.testing.assert_allclose(both, (one + other) / 2, rtol=2 ** -22, atol=1e-6)
+  # One pass over a double batch against two passes: a convolution library may sum in
+  # another order for another batch size, so the two agree to float32 rounding of an
+  # 8-convolution network (+ head) whose longest sum is a 3×3 convolution over 64
+  # channels, norm-wise (tests/numerics.py), not bit for bit.
+  bound = agreement(8 + 1, 3 * 3 * 64)
+  assert normwise_error(both, (one + other) / 2) <= bound
   assert not np.allclose(one, other)  # The mirror really is another input.
   # Training ignores it: the mirror would leak into the batch statistics.
   train_out, _ = mirrored.apply(variables, images, train=True, mutable=["batch_stats"],
