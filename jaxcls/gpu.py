@@ -28,10 +28,9 @@ Imports nothing heavy (no JAX).
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
-import sys
+
+from jaxcls import platforms
 
 # option → value: what a GPU run gets unless XLA_FLAGS sets the option already.
 OPTIONS = {"--xla_gpu_enable_latency_hiding_scheduler": "true"}
@@ -40,40 +39,10 @@ CHECKED_JAXLIB = ((0, 10),)
 _GPU_PLATFORMS = ("cuda", "rocm", "gpu")
 
 
-def _jaxlib_release() -> tuple[int, int] | None:
-  try:
-    parts = importlib.metadata.version("jaxlib").split(".")
-    return int(parts[0]), int(parts[1])
-  except (importlib.metadata.PackageNotFoundError, ValueError, IndexError):
-    return None
-
-
-def backend_started() -> bool:
-  """Whether JAX has started its backends (XLA_FLAGS is read then, and never again)."""
-  bridge = sys.modules.get("jax._src.xla_bridge")
-  started = getattr(bridge, "backends_are_initialized", None)
-  return bool(started and started())
-
-
-def _requested_platforms(environ) -> str:
-  """JAX's platform list as it will read it: its config once JAX is imported, else the
-  environment (JAX_PLATFORMS, or the older JAX_PLATFORM_NAME)."""
-  jax = sys.modules.get("jax")
-  configured = getattr(getattr(jax, "config", None), "jax_platforms", None)
-  if configured:
-    return configured
-  return environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
-
-
 def gpu_plugins() -> list[str]:
   """JAX's CUDA and ROCm plugins installed here (`jax_plugins` modules, entry points)."""
-  found = []
-  spec = importlib.util.find_spec("jax_plugins")
-  if spec is not None and spec.submodule_search_locations:
-    import pkgutil  # pylint: disable=import-outside-toplevel
-    found += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
-  found += [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
-  return sorted({name for name in found if "cuda" in name or "rocm" in name})
+  return sorted({name for name in platforms.jax_plugins()
+                 if "cuda" in name or "rocm" in name})
 
 
 def gpu_device_present(environ) -> bool:
@@ -91,7 +60,7 @@ def will_be_gpu(environ=os.environ) -> bool:
   a plugin installed and a GPU device file present. (Were the plugin to fail to start,
   JAX would fall back to the CPU with the option set; XLA:CPU ignores XLA:GPU options.)
   """
-  requested = _requested_platforms(environ).lower().split(",")[0].strip()
+  requested = platforms.first_requested_platform(environ)
   if requested:
     return requested in _GPU_PLATFORMS
   return bool(gpu_plugins()) and gpu_device_present(environ)
@@ -100,9 +69,9 @@ def will_be_gpu(environ=os.environ) -> bool:
 def apply(environ=os.environ) -> list[str]:
   """Adds the GPU options to `environ["XLA_FLAGS"]` when allowed; the options added."""
   if (environ.get("JAXCLS_XLA_DEFAULTS", "1") == "0"
-      or _jaxlib_release() not in CHECKED_JAXLIB):
+      or platforms.jaxlib_release() not in CHECKED_JAXLIB):
     return []
-  if backend_started() or not will_be_gpu(environ):
+  if platforms.backend_started() or not will_be_gpu(environ):
     return []
   flags = environ.get("XLA_FLAGS", "")
   given = {flag.split("=")[0] for flag in flags.split()}

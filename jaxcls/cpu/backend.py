@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
+
+from jaxcls import platforms
 
 _ALIASES = {"cuda": "gpu", "rocm": "gpu", "oneapi": "gpu"}
 
@@ -20,32 +21,10 @@ def is_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _started() -> bool:
-  bridge = sys.modules.get("jax._src.xla_bridge")
-  started = getattr(bridge, "backends_are_initialized", None)
-  return bool(started and started())
-
-
-def _requested_platforms(environ) -> str:
-  """JAX's platform list as JAX will read it: its config if JAX is imported, else the
-  environment (JAX_PLATFORMS, or the older JAX_PLATFORM_NAME)."""
-  jax = sys.modules.get("jax")
-  configured = getattr(getattr(jax, "config", None), "jax_platforms", None)
-  if configured:
-    return configured
-  return environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
-
-
 def accelerator_plugins(environ=os.environ) -> list[str]:
   """What could give JAX a backend other than the CPU: its plugins (the `jax_plugins`
   namespace and entry points, PJRT_NAMES_AND_LIBRARY_PATHS) and a TPU runtime."""
-  found = []
-  spec = importlib.util.find_spec("jax_plugins")
-  if spec is not None and spec.submodule_search_locations:
-    import pkgutil  # pylint: disable=import-outside-toplevel
-    found += [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)]
-  from importlib.metadata import entry_points  # pylint: disable=import-outside-toplevel
-  found += [entry.value for entry in entry_points(group="jax_plugins")]
+  found = platforms.jax_plugins()
   if environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
     found.append(environ["PJRT_NAMES_AND_LIBRARY_PATHS"])
   if environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
@@ -63,9 +42,9 @@ def will_be_cpu(environ=os.environ) -> bool:
   known only once it starts, so the answer is False: a program run on the CPU there gets
   the process options back with JAX_PLATFORMS=cpu.
   """
-  if _started():
+  if platforms.backend_started():
     return is_cpu()
-  requested = _requested_platforms(environ).lower().split(",")[0].strip()
+  requested = platforms.first_requested_platform(environ)
   if requested:
     return _ALIASES.get(requested, requested) == "cpu"
   return not accelerator_plugins(environ)

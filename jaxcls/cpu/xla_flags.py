@@ -18,10 +18,9 @@ started a backend yet (flags are read once), and JAX will run on the CPU
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import sys
 
+from jaxcls import platforms
 from jaxcls.cpu import backend
 
 OPTION = "--xla_cpu_experimental_ynn_fusion_type"
@@ -29,26 +28,13 @@ VALUE = "individual_dot"
 MEASURED_JAXLIB = ((0, 10),)  # (major, minor) releases the option was measured on.
 
 
-def _jaxlib_release() -> tuple[int, int] | None:
-  try:
-    parts = importlib.metadata.version("jaxlib").split(".")
-    return int(parts[0]), int(parts[1])
-  except (importlib.metadata.PackageNotFoundError, ValueError, IndexError):
-    return None
-
-
-def _backend_started() -> bool:
-  bridge = sys.modules.get("jax._src.xla_bridge")
-  started = getattr(bridge, "backends_are_initialized", None)
-  return bool(started and started())
-
-
 def apply(environ=os.environ) -> bool:
   """Adds jaxcls's XLA option to `environ["XLA_FLAGS"]` when allowed; True if added."""
   if environ.get("JAXCLS_XLA_DEFAULTS", "1") == "0":
     return False
   flags = environ.get("XLA_FLAGS", "")
-  if OPTION in flags or _jaxlib_release() not in MEASURED_JAXLIB or _backend_started():
+  if (OPTION in flags or platforms.jaxlib_release() not in MEASURED_JAXLIB
+      or platforms.backend_started()):
     return False
   if not backend.will_be_cpu(environ):
     return False

@@ -14,6 +14,7 @@ import pytest
 from jax._src import xla_bridge
 
 from jaxcls import cpu, steps
+from jaxcls import platforms as jax_platforms  # Tests below take a "platforms" parameter.
 from jaxcls.cpu import allocator, backend, max_pool, onednn, process, xla_flags
 
 
@@ -38,9 +39,9 @@ def fresh_onednn():
 def _before_jax_starts(monkeypatch, *, platforms: str, plugins: list[str]):
   """As a program sees it before JAX starts: JAX_PLATFORMS and JAX's plugins faked."""
   monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
-  monkeypatch.setattr(xla_flags, "_jaxlib_release", lambda: (0, 10))  # Measured on.
+  monkeypatch.setattr(jax_platforms, "jaxlib_release", lambda: (0, 10))  # Measured on.
   # JAX's own setting, which it took from JAX_PLATFORMS when imported.
-  monkeypatch.setattr(backend, "_requested_platforms",
+  monkeypatch.setattr(jax_platforms, "requested_platforms",
                       lambda environ: environ.get("JAX_PLATFORMS", ""))
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   monkeypatch.delenv("JAX_PLATFORM_NAME", raising=False)

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT
 from jaxcls.cpu import allocator
+from jaxcls import platforms
 from jaxcls.cpu import xla_flags
 
 LINUX = dict(platform="linux", libc=(2, 36), thp="madvise")
@@ -126,8 +127,8 @@ def test_huge_pages_cut_the_page_faults_of_large_buffers():
 
 
 def test_xla_option_is_added_only_when_allowed(monkeypatch):
-  monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
-  monkeypatch.setattr(xla_flags, "_jaxlib_release", lambda: (0, 10))
+  monkeypatch.setattr(platforms, "backend_started", lambda: False)
+  monkeypatch.setattr(platforms, "jaxlib_release", lambda: (0, 10))
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   assert xla_flags.apply(env)
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
@@ -136,7 +137,7 @@ def test_xla_option_is_added_only_when_allowed(monkeypatch):
   assert not xla_flags.apply(own) and own["XLA_FLAGS"].endswith("=")
   off = {"JAXCLS_XLA_DEFAULTS": "0"}
   assert not xla_flags.apply(off) and "XLA_FLAGS" not in off
-  monkeypatch.setattr(xla_flags, "_jaxlib_release", lambda: (0, 99))
+  monkeypatch.setattr(platforms, "jaxlib_release", lambda: (0, 99))
   assert not xla_flags.apply({})  # Not measured on that jaxlib: left alone.
 
 
@@ -149,7 +150,7 @@ def test_programs_set_the_xla_option_before_jax_starts_and_the_library_does_not(
           "  configure_process()\n"
           "import jax; jax.numpy.ones(1).block_until_ready()\n"
           "print(os.environ.get('XLA_FLAGS', ''))")
-  measured = xla_flags._jaxlib_release() in xla_flags.MEASURED_JAXLIB
+  measured = platforms.jaxlib_release() in xla_flags.MEASURED_JAXLIB
   for role, expected in (("library", False), ("program", measured)):
     out = subprocess.run([sys.executable, "-c", code, role], env=env, capture_output=True,
                          text=True, check=True, cwd=ROOT).stdout.strip()
