@@ -233,9 +233,12 @@ def _log_model(config, model, state, num_devices: int, num_steps: int) -> None:
                                       "batch_stats": state.batch_stats})
   flops = steps.forward_flops_per_image(model, variables, config.data.image_size)
   flops_text = "unknown" if flops is None else f"{flops / 1e9:.3f} GFLOPs"
-  log.info("Model %s: %s parameters, %s per %d px image (XLA, multiply-add = 2); "
+  sizes = tuple(config.train.progressive_sizes)
+  trains_at = f"; trains at {', '.join(map(str, sizes))} px" if sizes else ""
+  log.info("Model %s: %s parameters, %s per %d px image (XLA, multiply-add = 2)%s; "
            "%d devices; %d steps of %d images.", config.model.name, f"{num_params:,}",
-           flops_text, config.data.image_size, num_devices, num_steps, config.batch_size)
+           flops_text, config.data.image_size, trains_at, num_devices, num_steps,
+           config.batch_size)
 
 
 def _patience_ran_out(progress: Progress, config, epoch: int) -> bool:

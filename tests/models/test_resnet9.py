@@ -1,6 +1,8 @@
 """The flagship's pieces: the ResNet-9 backbone, flip test-time augmentation and
 progressive resizing (configs/catdog.py)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,13 +125,14 @@ def test_resize_keeps_the_value_range_and_a_flat_image_flat():
 
 @pytest.mark.slow
 def test_a_progressive_run_trains_at_each_size_and_validates_at_full_size(
-    shapes_dir, make_config, tmp_path):
+    shapes_dir, make_config, tmp_path, caplog):
   config = make_config(f"folder:{shapes_dir}", **{
       "model.name": "resnet9", "model.widths": (8, 16, 16, 16), "num_epochs": 2,
       "data.image_size": 32, "train.progressive_sizes": (16, 32),
       "model.flip_test": True})
   seen = []
   original = train.pmapped_train_step
+  caplog.set_level(logging.INFO, logger="jaxcls")
 
   def recording(config, devices, **kwargs):
     seen.append(kwargs.get("image_size"))
@@ -141,4 +144,5 @@ def test_a_progressive_run_trains_at_each_size_and_validates_at_full_size(
   finally:
     train.pmapped_train_step = original
   assert 16 in seen and 32 in seen
+  assert "per 32 px image (XLA, multiply-add = 2); trains at 16, 32 px;" in caplog.text
   assert summary.last_epoch.epoch == 2 and summary.last_epoch.val_accuracy > 0.5
