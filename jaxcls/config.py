@@ -151,7 +151,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
   # Progressive resizing: training images are resized on the device to these sizes in
   # turn, each for an equal share of the epochs, e.g. (64, 96, 128): small images early
   # cost a fraction of a large one. Validation and predict always see data.image_size.
-  # () trains at data.image_size throughout.
+  # () trains at data.image_size throughout. One size below data.image_size trains there
+  # and tests larger, e.g. (128,) with 152 in configs/catdog.py: random resized crops
+  # show training a photo's subject larger than a whole-photo view at the same size does.
   s.progressive_sizes = ()
   # Gradient accumulation: each batch runs as this many micro-batches, one update. Batch
   # norm normalizes each micro-batch by its own statistics; the running statistics are

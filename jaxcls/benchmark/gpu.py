@@ -52,7 +52,9 @@ SMOKE = dict(model="cnn", image_size=32, batch_size=8, dtype="float32", steps=2,
              loader_steps=3, jpegs=8, matmul_size=128, budget_s=300)
 SMOKE_FLAGSHIP_OVERRIDES = ("--config.data.source=generated:shapes",
                             "--config.data.generated_per_class=24",
-                            "--config.data.image_size=32", "--config.batch_size=16",
+                            "--config.data.image_size=40",
+                            "--config.train.progressive_sizes=(32,)",
+                            "--config.batch_size=16",
                             "--config.num_epochs=1", "--config.data.cache=none")
 
 

@@ -122,8 +122,12 @@ def compile_train_step(config: ml_collections.ConfigDict, *, augment: bool = Tru
   jax.block_until_ready(state)
   init_s = time.perf_counter() - start
   batch = _synthetic_batch(config, devices, num_classes)
+  # With train.progressive_sizes, the step of the last stage (the flagship's only one):
+  # batches come at data.image_size and are resized on the device, as in training.
+  train_step = train.pmapped_train_step(
+      config, devices, image_size=train.training_size(config, config.num_epochs - 1))
   start = time.perf_counter()
-  compiled = train.pmapped_train_step(config, devices).lower(state, batch, step_rng).compile()
+  compiled = train_step.lower(state, batch, step_rng).compile()
   compile_s = time.perf_counter() - start
   fast_convolutions = cpu is not None and cpu.fast_convolutions_in(compiled.as_text())
   flops = compiled_flops(compiled)
@@ -133,7 +137,7 @@ def compile_train_step(config: ml_collections.ConfigDict, *, augment: bool = Tru
     # XLA's optimizations move it by 1-2 %.)
     with cpu.disabled():
       flops = compiled_flops(
-          train.pmapped_train_step(config, devices).lower(state, batch, step_rng).compile())
+          train_step.lower(state, batch, step_rng).compile())
   return CompiledStep(config, devices, compiled, state, step_rng, batch, init_s, compile_s,
                       flops, fast_convolutions)
 
@@ -157,6 +161,7 @@ def measure_train_step(config: ml_collections.ConfigDict, *, steps: int = 10,
 def time_train_step(step: CompiledStep, *, steps: int = 10, warmup: int = 2,
                     augment: bool = True) -> dict:
   """`measure_train_step`'s figures for a step already compiled (its synthetic batch)."""
+  from jaxcls import train
   config, devices = step.config, step.devices
   per_device = config.batch_size // len(devices)
   times, cpu_times = [], []
@@ -170,6 +175,7 @@ def time_train_step(step: CompiledStep, *, steps: int = 10, warmup: int = 2,
   step_s = statistics.median(times)
   result = {
       "model": config.model.name, "image_size": config.data.image_size,
+      "train_image_size": train.training_size(config, config.num_epochs - 1),
       "batch_size": config.batch_size, "dtype": config.model.dtype,
       "devices": len(devices), "platform": devices[0].platform, "augment": augment,
       "init_s": round(step.init_s, 3), "compile_s": round(step.compile_s, 3),

@@ -61,6 +61,8 @@ def _interleave(parts, window, out_shape, in_shape, dtype):
 
 def scatter_gradient(source, operand, window, strides, padding):
   """`select_and_scatter_add(source, operand, ge, window, strides, padding)`."""
+  if source.size == 0:  # Windows larger than the input: no output, no gradient (as XLA).
+    return jnp.zeros(operand.shape, source.dtype)
   taps = list(_window_taps(operand, window, strides, padding))
   # XLA's select_and_scatter walks each window in order and moves its pick to the next
   # element whenever `pick >= element` is false: the first maximum when there is no NaN;

@@ -29,6 +29,16 @@ def test_step_flops_grow_with_pixels(make_config):
   assert 3.0 < ratio < 4.5, ratio
   expected = small["step_flops_per_image"] * 16 / (small["step_ms_median"] / 1e3) / 1e9
   assert small["achieved_gflops"] == pytest.approx(expected, rel=0.05)
+  # Progressive resizing: the step training runs, 32 px batches resized to 16 on the
+  # device: the network's work at 16 px plus the resize, well short of 32 px's.
+  resized = step_benchmark.measure_train_step(
+      make_config("generated:shapes", **{"data.image_size": 32,
+                                         "train.progressive_sizes": (16,)}),
+      steps=1, warmup=0)
+  assert (resized["image_size"], resized["train_image_size"]) == (32, 16)
+  assert small["train_image_size"] == 16
+  ratio = resized["step_flops_per_image"] / small["step_flops_per_image"]
+  assert 1.0 < ratio < 2.0, ratio
 
 
 def test_no_augment_removes_the_resampling_flops(make_config):

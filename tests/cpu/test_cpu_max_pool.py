@@ -59,6 +59,20 @@ def test_scatter_gradient_handles_other_ranks_and_one_unbatched_image():
                                atol=24 * 2.0 ** -24 * float(jnp.abs(dy).max()))
 
 
+def test_a_window_larger_than_the_image_has_xla_s_empty_output_and_zero_gradient():
+  """A network pooled more times than its input allows (ResNet-9 s4 at 24 px): an empty
+  output and a zero gradient, as XLA gives, not an error while lowering."""
+  assert max_pool.install()
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 1, 1, 4)), jnp.float32)
+  dy = jnp.zeros((2, 0, 0, 4), jnp.float32)
+  ours = jax.jit(_pool_gradient(2, 2, 0))(x, dy)
+  with cpu.disabled():
+    theirs = jax.jit(_pool_gradient(2, 2, 0))(x, dy)
+  assert ours.shape == theirs.shape == x.shape
+  np.testing.assert_array_equal(ours, np.zeros(x.shape, np.float32))
+  np.testing.assert_array_equal(theirs, np.zeros(x.shape, np.float32))
+
+
 @pytest.mark.parametrize("window, stride, padding, size", [(2, 2, 0, 8), (3, 2, 1, 9),
                                                            (3, 1, 1, 6)])
 def test_nan_and_infinities_route_the_gradient_as_xla_does(window, stride, padding, size):
