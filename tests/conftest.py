@@ -1,5 +1,6 @@
 """Test setup: 8 CPU devices (set before JAX is imported) and small shared fixtures."""
 
+import logging
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -22,6 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The reposi
 
 from jaxcls.config import base_config  # noqa: E402
 from jaxcls.data import sources  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+  """A program run in-process sets up logging on the root logger, bound to the stderr
+  pytest captures for that one test: each test gets the root logger back as it was, so
+  no later test logs to a closed stream (whatever order the tests run in)."""
+  handlers, level = list(logging.root.handlers), logging.root.level
+  yield
+  logging.root.handlers[:] = handlers
+  logging.root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

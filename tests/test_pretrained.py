@@ -15,7 +15,6 @@ import pytest
 from jaxcls import pretrained
 from jaxcls.cli import pretrained as pretrained_cli
 from jaxcls.serve import Predictor
-from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
 from torch_models import torch_logits, torch_resnet
 
 pytestmark = pytest.mark.slow  # Trains, or runs programs: the full lane only.

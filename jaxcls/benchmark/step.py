@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -124,10 +125,11 @@ def compile_train_step(config: ml_collections.ConfigDict, *, augment: bool = Tru
   batch = _synthetic_batch(config, devices, num_classes)
   # With train.progressive_sizes, the step of the last stage (the flagship's only one):
   # batches come at data.image_size and are resized on the device, as in training.
-  train_step = train.pmapped_train_step(
-      config, devices, image_size=train.training_size(config, config.num_epochs - 1))
+  train_step = functools.partial(train.pmapped_train_step, config, devices,
+                                 image_size=train.training_size(config,
+                                                                config.num_epochs - 1))
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch, step_rng).compile()
+  compiled = train_step().lower(state, batch, step_rng).compile()
   compile_s = time.perf_counter() - start
   fast_convolutions = cpu is not None and cpu.fast_convolutions_in(compiled.as_text())
   flops = compiled_flops(compiled)
@@ -137,7 +139,7 @@ def compile_train_step(config: ml_collections.ConfigDict, *, augment: bool = Tru
     # XLA's optimizations move it by 1-2 %.)
     with cpu.disabled():
       flops = compiled_flops(
-          train_step.lower(state, batch, step_rng).compile())
+          train_step().lower(state, batch, step_rng).compile())  # Built without oneDNN.
   return CompiledStep(config, devices, compiled, state, step_rng, batch, init_s, compile_s,
                       flops, fast_convolutions)
 

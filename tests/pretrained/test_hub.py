@@ -16,7 +16,6 @@ import pytest
 from safetensors.numpy import save_file
 
 from jaxcls.cli import pretrained as pretrained_cli
-from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
 from jaxcls.pretrained import DownloadError, WeightsError, hub, imagenet_class_names
 from weight_servers import COMMIT, HubServer, hub_environment
 

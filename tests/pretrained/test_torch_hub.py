@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from jaxcls.cli import pretrained as pretrained_cli
-from logging_utils import restore_root_logging  # noqa: F401  (runs the program in-process)
 from jaxcls.pretrained import DownloadError, WeightsError, imagenet_class_names, torch_hub
 from weight_servers import FileServer
 
