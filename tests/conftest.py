@@ -104,23 +104,3 @@ def mock_cats_vs_dogs(monkeypatch):
     monkeypatch.setattr(image_feature._ImageEncoder, "_encode_image", encode_png)
   with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
     yield
-
-
-# The modules that took longest in one process (2-core AMD EPYC, 2026-12-08: 25-73 s
-# each, of 849 s). Only the order of the run depends on this list.
-LONGEST_MODULES = ("test_sweep", "test_checkpoint", "test_step_benchmark", "test_published",
-                   "test_cpu_accelerate", "test_multihost", "test_onnx_export", "test_train",
-                   "test_steps", "test_augment", "test_resnet9", "test_gpu_script")
-
-
-def pytest_collection_modifyitems(config, items):
-  """The longest modules first, each module's tests in their own order.
-
-  The README's command hands modules to two pytest-xdist workers in this order: the long
-  ones early leave the short ones to even out the end, instead of one worker finishing a
-  long module while the other waits.
-  """
-  del config
-  rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1],
-                                       len(rank)))  # Stable: keeps each module's order.
